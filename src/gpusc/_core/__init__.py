@@ -1,0 +1,1 @@
+"""Shared internals: array placement, AnnData access, the kernel loader, validation."""

@@ -1,0 +1,100 @@
+"""Shared fixtures: real data, array types, tolerances, the gpu marker."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import sparse
+
+DATA = Path(os.environ.get("GPUSC_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+
+
+def _has_gpu() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+HAS_GPU = _has_gpu()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA device (cupy sees none)")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_GPU:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        pytest.fail(f"real data not found at {DATA}; set $GPUSC_DATA")
+    return DATA
+
+
+def read_real(name: str):
+    import anndata as ad
+
+    path = DATA / name
+    if not path.exists():
+        pytest.fail(f"real dataset {path} missing; set $GPUSC_DATA")
+    return ad.read_h5ad(path)
+
+
+# Host array types every pp function accepts; device twins are made from these.
+HOST_TYPES = {
+    "dense": np.asarray,
+    "csr_matrix": sparse.csr_matrix,
+    "csr_array": sparse.csr_array,
+    "csc_matrix": sparse.csc_matrix,
+    "csc_array": sparse.csc_array,
+}
+
+
+def to_device(x):
+    import cupy
+    from cupyx.scipy import sparse as cpsparse
+
+    if sparse.issparse(x):
+        return (cpsparse.csr_matrix if x.format == "csr" else cpsparse.csc_matrix)(x)
+    return cupy.asarray(x)
+
+
+@pytest.fixture(params=list(HOST_TYPES))
+def host_type(request):
+    return HOST_TYPES[request.param]
+
+
+@pytest.fixture(
+    params=[*HOST_TYPES, *(pytest.param(f"cupy-{n}", marks=pytest.mark.gpu)
+                           for n in ("dense", "csr_matrix", "csc_matrix"))]
+)
+def array_type(request):
+    """Makes an array of one supported kind from a host array (dense or scipy)."""
+    name = request.param
+    if name.startswith("cupy-"):
+        host = HOST_TYPES[name.removeprefix("cupy-")]
+        return lambda x: to_device(host(x))
+    return HOST_TYPES[name]
+
+
+def tolerance(dtype) -> dict:
+    """rtol for comparing with scanpy: 1e-5 (DESIGN.md) for float32 input, tighter for float64."""
+    return {"rtol": 1e-5, "atol": 1e-6} if np.dtype(dtype) == np.float32 else {"rtol": 1e-10, "atol": 1e-12}
+
+
+def synthetic_counts(n_obs=300, n_vars=200, *, dtype=np.float32, density=0.1, seed=0,
+                     empty_rows=(3, 17), empty_cols=(5, 40)):
+    """Seeded integer counts with a few all-zero cells and genes."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random((n_obs, n_vars)) < density
+    x = np.where(mask, rng.negative_binomial(2, 0.3, (n_obs, n_vars)) + 1, 0).astype(dtype)
+    x[list(empty_rows), :] = 0
+    x[:, list(empty_cols)] = 0
+    return x

@@ -1,0 +1,53 @@
+# Two commands on a fresh machine:
+#   make run    install into .venv and run the main job (`gpusc run`)
+#   make test   install into .venv and run the test suite
+# Override the interpreter with `make PYTHON=/path/to/python3.12 test`.
+
+SHELL := /bin/bash
+VENV  := .venv
+STAMP := $(VENV)/.installed
+
+# Real datasets for the tests; conftest.py reads $GPUSC_DATA.
+GPUSC_DATA ?= $(abspath ../shared/data)
+export GPUSC_DATA
+
+# Python 3.12 preferred: `python3.12` on PATH, else pyenv's newest 3.12.x (pyenv shims
+# refuse python3.12 unless PYENV_VERSION selects it), else python3 when it is >= 3.11.
+# Prints the absolute interpreter path so the venv does not depend on pyenv's shims.
+define find_python
+for c in "python3.12" \
+         "env PYENV_VERSION=$$(pyenv versions --bare 2>/dev/null | grep -E '^3\.12(\.[0-9]+)?$$' | tail -n1) python3.12" \
+         "python3"; do \
+  $$c -c 'import sys; assert sys.version_info >= (3, 11); print(sys.executable)' 2>/dev/null && break; \
+done
+endef
+
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(shell $(find_python))
+endif
+
+.PHONY: venv run test clean
+
+venv: $(STAMP)
+
+$(VENV)/bin/python:
+	@if [ -z "$(PYTHON)" ]; then \
+	  echo "No Python >= 3.11 found (tried python3.12, pyenv 3.12, python3); run: make PYTHON=/path/to/python3.12 $(MAKECMDGOALS)" >&2; \
+	  exit 1; \
+	fi
+	@echo "creating $(VENV) with $(PYTHON) ($$($(PYTHON) --version))"
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstalls only when pyproject.toml changes; the editable install picks up source edits.
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --progress-bar off -e '.[test,bench]'
+	touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/gpusc run
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf $(VENV)

@@ -87,7 +87,14 @@ def check_family(family: str, arch: str, extra_options=()) -> None:
     left = [line.strip() for line in source.splitlines() if _LOCAL_INCLUDE.match(line)]
     assert not left, f"kernel_source({family!r}) still has local includes (not inlined): {left}"
 
-    expressions = tuple(importlib.import_module(f"gpusc._kernels.{family}").NAME_EXPRESSIONS)
+    try:
+        launcher = importlib.import_module(f"gpusc._kernels.{family}")
+    except ModuleNotFoundError as exc:
+        raise AssertionError(
+            f"kernels/{family}.cu has no launcher module gpusc._kernels.{family} "
+            "(it must define NAME_EXPRESSIONS)"
+        ) from exc
+    expressions = tuple(launcher.NAME_EXPRESSIONS)
     assert expressions, f"gpusc._kernels.{family}.NAME_EXPRESSIONS is empty"
     options = (*cuda.NVRTC_OPTIONS, f"-arch={arch}", "-Xptxas=-v", *extra_options)
     log, lowered = compile_family(source, f"{family}.cu", expressions, options)

@@ -1,0 +1,211 @@
+"""``kernels/qc.cu`` and its numba twin: per-cell and per-gene QC statistics in one pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import singledispatch
+
+import numba
+import numpy as np
+from fast_array_utils import types
+
+from .._core import cuda
+
+QC_VARS_PER_PASS = 4  # kernels/qc.cu's QC_VARS_PER_PASS
+BLOCK = 256
+NAME_EXPRESSIONS = (
+    *(cuda.template_name("qc_csr", v, i) for v in (np.float32, np.float64) for i in (np.int32, np.int64)),
+    *(cuda.template_name("qc_dense", v) for v in (np.float32, np.float64)),
+)
+# Per-gene sums add chunk by chunk; a fixed chunk count keeps the order, and so the
+# result, the same on every machine whatever its thread count.
+N_CHUNKS = 32
+
+
+@dataclass
+class QCStats:
+    """Host arrays; ``row_top[:, m]`` is the sum of each cell's ``ns[m]`` largest values."""
+
+    row_total: np.ndarray  # float64 (n_obs,)
+    row_nnz: np.ndarray  # int64 (n_obs,)
+    row_qc: np.ndarray  # float64 (n_obs, n_qc)
+    row_top: np.ndarray  # float64 (n_obs, len(ns))
+    col_total: np.ndarray  # float64 (n_vars,)
+    col_nnz: np.ndarray  # int64 (n_vars,)
+    nonfinite: bool
+    negative: bool
+
+
+@singledispatch
+def qc_stats(x, qc_masks: np.ndarray, ns: np.ndarray) -> QCStats:
+    """QC statistics of a cells × genes matrix.
+
+    ``qc_masks`` is a boolean (n_vars, n_qc) array, ``ns`` the sorted ``percent_top``
+    positions (each in 1..n_vars). Non-zero counts skip explicitly stored zeros. NaN, inf
+    and negative values are reported in the flags, not raised, so the caller decides.
+    """
+    raise TypeError(f"qc_stats: unsupported array type {type(x)}")
+
+
+@qc_stats.register(types.csc_matrix | types.csc_array | types.CupyCSCMatrix)
+def _(x, qc_masks, ns):
+    # Per-cell top-n needs each cell's values together: one CSR copy (2x nnz peak).
+    return qc_stats(x.tocsr(), qc_masks, ns)
+
+
+@qc_stats.register(types.csr_matrix | types.csr_array)
+def _(x, qc_masks, ns):
+    return _stats(*_qc_host(x.data, x.indices, x.indptr, *x.shape, _as_uint8(qc_masks), _ns(ns)))
+
+
+@qc_stats.register(np.ndarray)
+def _(x, qc_masks, ns):
+    flat = np.ascontiguousarray(x).reshape(-1)
+    all_cols, no_indptr = np.arange(x.shape[1], dtype=np.int64), np.empty(0, np.int64)
+    return _stats(*_qc_host(flat, all_cols, no_indptr, *x.shape, _as_uint8(qc_masks), _ns(ns)))
+
+
+@qc_stats.register(types.CupyArray | types.CupyCSRMatrix)
+def _(x, qc_masks, ns):
+    import cupy as cp
+
+    n_rows, n_cols = x.shape
+    ns = _ns(ns)
+    n_qc = qc_masks.shape[1]
+    dense = isinstance(x, types.CupyArray)
+    if dense:
+        x = cp.ascontiguousarray(x if x.dtype.kind == "f" else x.astype(np.float32))
+        name = cuda.template_name("qc_dense", x.dtype)
+        matrix_args = (x, np.int64(n_rows), np.int64(n_cols))
+    else:
+        name = cuda.template_name("qc_csr", x.dtype, x.indices.dtype)
+        matrix_args = (x.data, x.indices, x.indptr, np.int64(n_rows))
+    kernel = cuda.get_kernel("qc", NAME_EXPRESSIONS, name)
+
+    top_n = int(ns[-1]) if ns.size else 0
+    cap = 1 << max(top_n - 1, 0).bit_length() if top_n else 0
+    shared = -(-cap * x.dtype.itemsize // 16) * 16 + 256 * 4 + 16
+    if shared > 48 * 1024:  # above the default: opt in (Hopper allows up to 227 KiB)
+        kernel.max_dynamic_shared_size_bytes = shared
+
+    row_total = cp.empty(n_rows, np.float64)
+    row_nnz = cp.empty(n_rows, np.int64)
+    n_groups = -(-n_qc // QC_VARS_PER_PASS)
+    row_qc = cp.zeros((max(n_groups, 1), n_rows, QC_VARS_PER_PASS), np.float64)
+    row_top = cp.zeros((n_rows, max(ns.size, 1)), np.float64)
+    col_total = cp.zeros(n_cols, np.float64)
+    col_nnz = cp.zeros(n_cols, np.uint64)
+    flags = cp.zeros(1, np.int32)
+    ns_dev = cp.asarray(ns, np.int32)
+    bits = _qc_bits(qc_masks)
+    null = np.uintp(0)
+    for g in range(max(n_groups, 1)):
+        first = g == 0  # the first launch does everything; later ones only more qc_vars
+        group_n_qc = min(QC_VARS_PER_PASS, n_qc - g * QC_VARS_PER_PASS)
+        cuda.launch(kernel, n_rows, BLOCK, (
+            *matrix_args,
+            cp.asarray((bits >> np.uint32(QC_VARS_PER_PASS * g)) & np.uint32(0xF)),
+            np.int32(max(group_n_qc, 0)), ns_dev, np.int32(ns.size if first else 0),
+            np.int32(top_n), np.int32(cap),
+            row_total if first else null, row_nnz if first else null, row_qc[g], row_top,
+            col_total if first else null, col_nnz if first else null, flags,
+        ), shared_mem=shared if first else 0)
+    row_qc = row_qc.transpose(1, 0, 2).reshape(n_rows, -1)[:, :n_qc]
+    flag = int(flags.get()[0])  # synchronize!
+    return QCStats(
+        row_total.get(), row_nnz.get(), row_qc.get(), row_top[:, : ns.size].get(),
+        col_total.get(), col_nnz.get().astype(np.int64),
+        nonfinite=bool(flag & 1), negative=bool(flag & 2),
+    )
+
+
+def _ns(ns) -> np.ndarray:
+    return np.sort(np.asarray(ns, dtype=np.int64))
+
+
+def _as_uint8(masks) -> np.ndarray:
+    return np.ascontiguousarray(masks, dtype=np.uint8)
+
+
+def _qc_bits(masks: np.ndarray) -> np.ndarray:
+    """One uint32 per gene, bit q set when the gene is in qc_var q (at most 32)."""
+    n_qc = masks.shape[1]
+    if n_qc > 32:
+        raise ValueError(f"qc_vars: at most 32 on the GPU, got {n_qc}")
+    weights = (np.uint32(1) << np.arange(n_qc, dtype=np.uint32)).astype(np.uint32)
+    return (masks.astype(np.uint32) * weights).sum(axis=1, dtype=np.uint32)
+
+
+def _stats(row_total, row_nnz, row_qc, row_top, col_total, col_nnz, flags) -> QCStats:
+    return QCStats(row_total, row_nnz, row_qc, row_top, col_total, col_nnz,
+                   nonfinite=bool(flags & 1), negative=bool(flags & 2))
+
+
+@numba.njit(cache=True)
+def _top_sums(values, ns, out):
+    """out[m] = sum of the ns[m] largest of `values` (missing entries count as zero)."""
+    k = ns[-1]
+    if values.size > k:
+        top = -np.partition(-values.astype(np.float64), k - 1)[:k]
+    else:
+        top = values.astype(np.float64)
+    top = np.sort(top)[::-1]
+    acc, i = 0.0, 0
+    for m in range(ns.size):
+        stop = min(ns[m], top.size)
+        while i < stop:
+            acc += top[i]
+            i += 1
+        out[m] = acc
+
+
+@numba.njit(cache=True)
+def _qc_row(values, cols, i, c, qc_masks, ns, row_total, row_nnz, row_qc, row_top,
+            col_total, col_nnz):
+    """Statistics of cell i (its values and their gene indices); returns its flag bits."""
+    total, nnz, bad = 0.0, 0, 0
+    for j in range(values.size):
+        v, col = values[j], cols[j]
+        bad |= (0 if np.isfinite(v) else 1) | (2 if v < 0 else 0)
+        total += v
+        if v != 0:
+            nnz += 1
+            col_total[c, col] += v
+            col_nnz[c, col] += 1
+        for q in range(qc_masks.shape[1]):
+            if qc_masks[col, q]:
+                row_qc[i, q] += v
+    row_total[i], row_nnz[i] = total, nnz
+    if ns.size:
+        _top_sums(values, ns, row_top[i])
+    return bad
+
+
+@numba.njit(parallel=True, cache=True)
+def _qc_host(data, indices, indptr, n_rows, n_cols, qc_masks, ns):
+    # CSR when indptr is given; C-ordered dense (data = x.ravel(), indices = all columns)
+    # when indptr is empty.
+    # Chunks of rows run in parallel; each chunk owns one row of the per-gene accumulators.
+    dense = indptr.size == 0
+    n_chunks = max(1, min(N_CHUNKS, n_rows))
+    row_total = np.zeros(n_rows)
+    row_nnz = np.zeros(n_rows, np.int64)
+    row_qc = np.zeros((n_rows, qc_masks.shape[1]))
+    row_top = np.zeros((n_rows, ns.size))
+    col_total = np.zeros((n_chunks, n_cols))
+    col_nnz = np.zeros((n_chunks, n_cols), np.int64)
+    flags = np.zeros(n_chunks, np.int64)
+    for c in numba.prange(n_chunks):
+        bad = 0
+        for i in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
+            if dense:
+                values, cols = data[i * n_cols:(i + 1) * n_cols], indices
+            else:
+                values, cols = data[indptr[i]:indptr[i + 1]], indices[indptr[i]:indptr[i + 1]]
+            bad |= _qc_row(values, cols, i, c, qc_masks, ns, row_total, row_nnz, row_qc,
+                           row_top, col_total, col_nnz)
+        flags[c] = bad
+    flag = 0
+    for f in flags:
+        flag |= f
+    return row_total, row_nnz, row_qc, row_top, col_total.sum(axis=0), col_nnz.sum(axis=0), flag

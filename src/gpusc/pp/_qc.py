@@ -1,0 +1,151 @@
+"""calculate_qc_metrics: every scanpy QC column from one pass over the matrix."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Collection
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from .._core.adata import check_not_empty, get_matrix, nonfinite_error
+from .._core.arrays import float_dtype, is_sparse, placement
+from .._kernels.qc import qc_stats
+
+
+def calculate_qc_metrics(
+    adata: AnnData,
+    *,
+    expr_type: str = "counts",
+    var_type: str = "genes",
+    qc_vars: Collection[str] | str = (),
+    percent_top: Collection[int] | None = (50, 100, 200, 500),
+    layer: str | None = None,
+    use_raw: bool = False,
+    inplace: bool = False,
+    log1p: bool = True,
+    parallel: bool | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """Calculate quality control metrics, as :func:`scanpy.pp.calculate_qc_metrics`.
+
+    One pass over the matrix computes every per-cell and per-gene statistic (a CUDA
+    kernel for device arrays, a numba kernel for host arrays). Explicitly stored zeros
+    are not counted as expressed genes (scanpy removes them first; we leave the matrix
+    untouched). CSC input is read through one CSR copy (peak: 2x the matrix).
+
+    Parameters
+    ----------
+    adata
+        Cells × genes. X (or the layer) may be numpy, scipy CSR/CSC, cupy or cupyx CSR/CSC.
+    expr_type, var_type
+        Names used in the keys, e.g. ``total_{expr_type}``.
+    qc_vars
+        Boolean columns of ``adata.var`` to report totals and percentages for.
+    percent_top
+        Report the percentage of counts in each cell's top ``n`` genes, for each ``n``.
+    layer, use_raw
+        Compute on this layer, or on ``adata.raw.X``.
+    inplace
+        Write into ``adata.obs`` and ``adata.var`` instead of returning the frames.
+    log1p
+        Also write the ``log1p_*`` columns.
+    parallel
+        Deprecated in scanpy; ignored with a FutureWarning.
+
+    Returns
+    -------
+    ``(obs_metrics, var_metrics)`` when ``inplace=False``; else writes them into ``adata``.
+    With ``T`` the matrix's float dtype and ``I`` its index dtype (int64 for dense):
+
+    obs
+        ``n_{var_type}_by_{expr_type}`` (I), ``log1p_n_{var_type}_by_{expr_type}`` (float64),
+        ``total_{expr_type}`` (T), ``log1p_total_{expr_type}`` (T),
+        ``pct_{expr_type}_in_top_{n}_{var_type}`` (float64), and per qc_var ``q``:
+        ``total_{expr_type}_{q}``, ``log1p_total_{expr_type}_{q}``, ``pct_{expr_type}_{q}`` (T).
+    var
+        ``n_cells_by_{expr_type}`` (int64), ``mean_{expr_type}`` (T), ``log1p_mean_{expr_type}``
+        (T), ``pct_dropout_by_{expr_type}`` (float64), ``total_{expr_type}`` (T),
+        ``log1p_total_{expr_type}`` (T).
+
+    Raises
+    ------
+    KeyError
+        A missing layer or qc_var.
+    ValueError
+        NaN, inf or negative values (checked in the same pass), an empty matrix.
+    IndexError
+        A ``percent_top`` position outside 1..n_vars.
+    """
+    func = "calculate_qc_metrics"
+    if parallel is not None:
+        warnings.warn("Argument `parallel` is deprecated, and currently has no effect.",
+                      FutureWarning, stacklevel=2)
+    x = get_matrix(adata, layer=layer, use_raw=use_raw, func=func)
+    placement(x)  # a TypeError for unsupported array types
+    check_not_empty(x, func)
+    n_obs, n_vars = x.shape
+    # qc_vars live in adata.var (as in scanpy), or in raw.var when raw has other genes
+    var = adata.raw.var if use_raw and adata.raw.n_vars != adata.n_vars else adata.var
+    qc_vars = [qc_vars] if isinstance(qc_vars, str) else list(qc_vars)
+    masks = np.zeros((n_vars, len(qc_vars)), dtype=bool)
+    for i, name in enumerate(qc_vars):
+        if name not in var.columns:
+            raise KeyError(f"{func}: qc_vars entry {name!r} is not a column of adata.var; "
+                           f"add a boolean column first, e.g. adata.var[{name!r}] = ...")
+        column = var[name].to_numpy()
+        if column.dtype != bool:
+            raise ValueError(f"{func}: qc_vars entry {name!r} must be a boolean column of "
+                             f"adata.var, got dtype {column.dtype}")
+        masks[:, i] = column
+    ns = sorted(percent_top) if percent_top else []
+    if ns and not (max(ns) <= n_vars and min(ns) > 0):
+        raise IndexError(f"{func}: percent_top positions outside range of features (1..{n_vars}): {ns}")
+
+    stats = qc_stats(x, masks, np.asarray(ns, dtype=np.int64))
+    if stats.nonfinite:
+        raise nonfinite_error(func, f"layer {layer!r}" if layer else "the matrix")
+    if stats.negative:
+        raise ValueError(f"{func}: the matrix has negative values; QC metrics expect counts "
+                         "(pass layer= with raw counts)")
+
+    dtype = float_dtype(x.dtype)
+    nnz_dtype = x.indices.dtype if is_sparse(x) else np.dtype(np.int64)
+    obs_names = adata.obs_names
+    var_names = adata.raw.var_names if use_raw else adata.var_names
+    obs: dict[str, np.ndarray] = {}
+    obs[f"n_{var_type}_by_{expr_type}"] = stats.row_nnz.astype(nnz_dtype)
+    if log1p:
+        obs[f"log1p_n_{var_type}_by_{expr_type}"] = np.log1p(stats.row_nnz.astype(np.float64))
+    total = stats.row_total.astype(dtype)
+    obs[f"total_{expr_type}"] = total
+    if log1p:
+        obs[f"log1p_total_{expr_type}"] = np.log1p(total)
+    with np.errstate(divide="ignore", invalid="ignore"):  # empty cells: NaN, as scanpy
+        for m, n in enumerate(ns):
+            obs[f"pct_{expr_type}_in_top_{n}_{var_type}"] = stats.row_top[:, m] / stats.row_total * 100
+        for i, name in enumerate(qc_vars):
+            qc_total = stats.row_qc[:, i].astype(dtype)
+            obs[f"total_{expr_type}_{name}"] = qc_total
+            if log1p:
+                obs[f"log1p_total_{expr_type}_{name}"] = np.log1p(qc_total)
+            obs[f"pct_{expr_type}_{name}"] = qc_total / total * dtype.type(100)
+    var_metrics: dict[str, np.ndarray] = {}
+    var_metrics[f"n_cells_by_{expr_type}"] = stats.col_nnz
+    mean = (stats.col_total / n_obs).astype(dtype)
+    var_metrics[f"mean_{expr_type}"] = mean
+    if log1p:
+        var_metrics[f"log1p_mean_{expr_type}"] = np.log1p(mean)
+    var_metrics[f"pct_dropout_by_{expr_type}"] = (1 - stats.col_nnz / n_obs) * 100
+    col_total = stats.col_total.astype(dtype)
+    var_metrics[f"total_{expr_type}"] = col_total
+    if log1p:
+        var_metrics[f"log1p_total_{expr_type}"] = np.log1p(col_total)
+
+    obs_df = pd.DataFrame(obs, index=obs_names)
+    var_df = pd.DataFrame(var_metrics, index=var_names)
+    if not inplace:
+        return obs_df, var_df
+    adata.obs[obs_df.columns] = obs_df
+    adata.var[var_df.columns] = var_df
+    return None

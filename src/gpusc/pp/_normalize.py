@@ -10,7 +10,7 @@ from scanpy import logging as logg
 
 from .._core.adata import (actualize_view, check_not_empty, ensure_float, get_matrix,
                            nonfinite_error, set_matrix)
-from .._core.arrays import is_csc, placement, to_host, xp_of
+from .._core.arrays import is_csc, is_sparse, placement, to_host, xp_of
 from .._kernels.normalize import high_genes, row_sums, scale_rows_inplace
 
 
@@ -78,9 +78,14 @@ def normalize_total(
         adata = adata.copy()
     actualize_view(adata)
     x = get_matrix(adata, layer=layer, obsm=obsm, func=func)
-    fresh = is_csc(x) or x.dtype.kind != "f"  # a new matrix already: nothing to protect
+    # CSC becomes CSR (as in scanpy), integers float32, strided dense C-ordered: each a new
+    # matrix already, so inplace=False needs no further copy
+    dense_strided = not is_sparse(x) and not x.flags.c_contiguous
+    fresh = is_csc(x) or x.dtype.kind != "f" or dense_strided
     if is_csc(x):
         x = x.tocsr()
+    elif dense_strided:
+        x = xp_of(x).ascontiguousarray(x)
     x = ensure_float(x)
 
     start = logg.info("normalizing counts per cell")

@@ -1,0 +1,135 @@
+// highly_variable_genes: per-gene (and per-batch) sums, sums of squares and expressed-cell
+// counts in one pass over the matrix, accumulated in double and reduced in a fixed order.
+#include "_common.cuh"
+
+#define HVG_FLAG_NONINTEGER 4  // beyond _common.cuh's flags: a value with a fractional part
+
+// How a stored value enters the sums (HVG_* in gpusc/_kernels/hvg.py):
+//   IDENTITY  the value (cell_ranger on log data, seurat_v3's first pass on counts)
+//   EXPM1     expm1(value * scale) in the value's own precision, as scanpy does for seurat
+//   CLIP      min(value, clip[batch, gene]) in double (seurat_v3's second pass)
+#define HVG_IDENTITY 0
+#define HVG_EXPM1 1
+#define HVG_CLIP 2
+
+__device__ __forceinline__ float expm1_of(float v) { return expm1f(v); }
+__device__ __forceinline__ double expm1_of(double v) { return expm1(v); }
+
+template <typename T>
+__device__ __forceinline__ double hvg_value(T v, int mode, double scale, double clip) {
+    if (mode == HVG_EXPM1) return (double)expm1_of((T)((double)v * scale));
+    const double d = (double)v;
+    return mode == HVG_CLIP ? fmin(d, clip) : d;
+}
+
+template <typename T>
+__device__ __forceinline__ int hvg_flags(T v) {
+    return value_flags(v) | (floor(v) != v && isfinite((double)v) ? HVG_FLAG_NONINTEGER : 0);
+}
+
+// First position in indices[lo:hi] (sorted) holding a row >= row.
+template <typename I>
+__device__ __forceinline__ long long lower_bound(const I* indices, long long lo, long long hi,
+                                                 long long row) {
+    while (lo < hi) {
+        const long long mid = lo + ((hi - lo) >> 1);
+        if ((long long)indices[mid] < row) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+// One warp per (gene, batch), warp = gene * n_batches + batch; lanes stride that batch's
+// stretch of the gene's column and reduce with warp_sum (deterministic, no atomics on sums).
+// Batch b is the row range batch_start[b]..batch_start[b+1]; with more than one batch the
+// caller has permuted rows so batches are contiguous and sorted each column's row indices,
+// so the stretch is found by binary search. Outputs are (n_batches, n_cols), row-major.
+template <typename T, typename I>
+__global__ void moments_csc(const T* data, const I* indices, const I* indptr, long long n_cols,
+                            int n_batches, const long long* batch_start, int mode, double scale,
+                            const double* clip, double* sum, double* sum_sq, long long* n_pos,
+                            int* flags) {
+    const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (warp >= n_cols * n_batches) return;  // whole warps leave together (blockDim % 32 == 0)
+    const int lane = threadIdx.x & 31;
+    const long long col = warp / n_batches;
+    const int b = (int)(warp % n_batches);
+    long long lo = (long long)indptr[col], hi = (long long)indptr[col + 1];
+    if (n_batches > 1) {
+        lo = lower_bound(indices, lo, hi, batch_start[b]);
+        hi = lower_bound(indices, lo, hi, batch_start[b + 1]);
+    }
+    const long long out = (long long)b * n_cols + col;
+    const double c = clip != nullptr ? clip[out] : 0.0;
+    double s = 0.0, s2 = 0.0;
+    long long pos = 0;
+    int bad = 0;
+    for (long long j = lo + lane; j < hi; j += 32) {
+        const T v = data[j];
+        bad |= hvg_flags(v);
+        const double f = hvg_value(v, mode, scale, c);
+        s += f;
+        s2 += f * f;
+        pos += v > T(0);
+    }
+    if (bad) atomicOr(flags, bad);
+    s = warp_sum(s);
+    s2 = warp_sum(s2);
+    pos = warp_sum(pos);
+    if (lane == 0) { sum[out] = s; sum_sq[out] = s2; n_pos[out] = pos; }
+}
+
+// One thread per (gene, row chunk), block = chunk * n_col_tiles + tile: the thread walks its
+// chunk's rows down one column of the C-ordered matrix, so neighbouring threads read
+// neighbouring genes (coalesced). Chunk k covers rows[chunk_start[k]:chunk_start[k+1]] (rows
+// null: the identity order), all in batch chunk_batch[k]; partial sums go to row k of the
+// (n_chunks, n_cols) outputs and sum_chunks adds them per batch in chunk order.
+template <typename T>
+__global__ void moments_dense(const T* x, long long n_cols, const long long* rows,
+                              const long long* chunk_start, const int* chunk_batch,
+                              long long n_chunks, int mode, double scale, const double* clip,
+                              double* part_sum, double* part_sum_sq, long long* part_pos,
+                              int* flags) {
+    const long long n_col_tiles = (n_cols + blockDim.x - 1) / blockDim.x;
+    const long long chunk = (long long)blockIdx.x / n_col_tiles;
+    const long long col = ((long long)blockIdx.x % n_col_tiles) * blockDim.x + threadIdx.x;
+    if (chunk >= n_chunks || col >= n_cols) return;
+    const double c = clip != nullptr ? clip[(long long)chunk_batch[chunk] * n_cols + col] : 0.0;
+    double s = 0.0, s2 = 0.0;
+    long long pos = 0;
+    int bad = 0;
+    for (long long k = chunk_start[chunk]; k < chunk_start[chunk + 1]; ++k) {
+        const long long row = rows != nullptr ? rows[k] : k;
+        const T v = x[row * n_cols + col];
+        bad |= hvg_flags(v);
+        const double f = hvg_value(v, mode, scale, c);
+        s += f;
+        s2 += f * f;
+        pos += v > T(0);
+    }
+    if (bad) atomicOr(flags, bad);
+    const long long out = chunk * n_cols + col;
+    part_sum[out] = s;
+    part_sum_sq[out] = s2;
+    part_pos[out] = pos;
+}
+
+// One thread per (batch, gene), thread = batch * n_cols + gene: adds the batch's chunk
+// partials batch_chunks[batch]..batch_chunks[batch+1] in chunk order (deterministic).
+__global__ void sum_chunks(const double* part_sum, const double* part_sum_sq,
+                           const long long* part_pos, const long long* batch_chunks,
+                           int n_batches, long long n_cols, double* sum, double* sum_sq,
+                           long long* n_pos) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n_batches * n_cols) return;
+    const long long b = i / n_cols, col = i % n_cols;
+    double s = 0.0, s2 = 0.0;
+    long long pos = 0;
+    for (long long k = batch_chunks[b]; k < batch_chunks[b + 1]; ++k) {
+        s += part_sum[k * n_cols + col];
+        s2 += part_sum_sq[k * n_cols + col];
+        pos += part_pos[k * n_cols + col];
+    }
+    sum[i] = s;
+    sum_sq[i] = s2;
+    n_pos[i] = pos;
+}

@@ -1,0 +1,308 @@
+"""``kernels/hvg.cu`` and its numba twins: per-gene, per-batch moments for highly_variable_genes.
+
+One pass over the matrix gives, for every batch ``b`` and gene ``g``, the sum and the sum of
+squares of the (transformed) values and the number of cells with a positive value, all
+accumulated in double. The transform is one of:
+
+``HVG_IDENTITY``  the value;
+``HVG_EXPM1``     ``expm1(value * scale)`` computed in the value's own dtype, as scanpy's seurat
+                  flavor does on a copy of the matrix (here nothing is copied);
+``HVG_CLIP``      ``min(value, clip[b, g])`` in double (seurat_v3's clipped second moment).
+
+Implicit zeros of sparse matrices add nothing to any of the three (every transform maps 0 to 0
+and clip values are non-negative), so only stored values are read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import singledispatch
+
+import numba
+import numpy as np
+from fast_array_utils import types
+
+from .._core import cuda
+
+HVG_IDENTITY, HVG_EXPM1, HVG_CLIP = 0, 1, 2  # kernels/hvg.cu's HVG_* modes
+FLAG_NONFINITE, FLAG_NEGATIVE, FLAG_NONINTEGER = 1, 2, 4
+BLOCK = 256
+NAME_EXPRESSIONS = (
+    *(cuda.template_name("moments_csc", v, i) for v in (np.float32, np.float64) for i in (np.int32, np.int64)),
+    *(cuda.template_name("moments_dense", v) for v in (np.float32, np.float64)),
+    "sum_chunks",
+)
+# Row chunks of the host kernels: a fixed count (not the thread count) so that the order of
+# additions, and so the result, is the same on every machine.
+N_CHUNKS = 32
+# Row chunks of the device kernel for dense matrices (more, to fill the device).
+N_CHUNKS_DEVICE = 128
+
+
+@dataclass
+class Moments:
+    """Per-batch sums over cells; every array is (n_batches, n_vars), on the host."""
+
+    sum: np.ndarray  # float64
+    sum_sq: np.ndarray  # float64
+    n_pos: np.ndarray  # int64, cells with a value > 0
+    flags: int  # FLAG_* bits seen in the stored values
+
+    @property
+    def nonfinite(self) -> bool:
+        return bool(self.flags & FLAG_NONFINITE)
+
+    @property
+    def negative(self) -> bool:
+        return bool(self.flags & FLAG_NEGATIVE)
+
+    @property
+    def noninteger(self) -> bool:
+        return bool(self.flags & FLAG_NONINTEGER)
+
+
+@singledispatch
+def gene_moments(x, batch_codes: np.ndarray | None = None, n_batches: int = 1, *,
+                 mode: int = HVG_IDENTITY, scale: float = 1.0,
+                 clip: np.ndarray | None = None) -> Moments:
+    """Per-batch, per-gene sums of a cells × genes matrix in one pass.
+
+    ``batch_codes`` gives each cell's batch in ``0..n_batches-1`` (None: one batch).
+    ``clip`` is a (n_batches, n_vars) float64 array, used with ``mode=HVG_CLIP``.
+    NaN/inf, negative and non-integer values are reported in ``flags``, not raised.
+    """
+    raise TypeError(f"gene_moments: unsupported array type {type(x)}")
+
+
+def _codes(batch_codes, n_obs: int) -> np.ndarray:
+    if batch_codes is None:
+        return np.zeros(n_obs, np.int32)
+    return np.ascontiguousarray(batch_codes, dtype=np.int32)
+
+
+def _clip(clip, n_batches: int, n_vars: int) -> np.ndarray:
+    if clip is None:
+        return np.zeros((n_batches, n_vars))
+    return np.ascontiguousarray(clip, dtype=np.float64).reshape(n_batches, n_vars)
+
+
+def chunk_layout(codes: np.ndarray, n_batches: int, n_chunks: int):
+    """Rows grouped by batch (stable) and cut into chunks that each lie in one batch.
+
+    Returns ``rows`` (int64 row order), ``chunk_start`` (n_chunks'+1 offsets into rows),
+    ``chunk_batch`` (int32 batch of each chunk) and ``batch_chunks`` (n_batches+1 offsets
+    into the chunks). The layout depends only on the batch sizes and ``n_chunks``.
+    """
+    n_obs = codes.size
+    rows = np.argsort(codes, kind="stable").astype(np.int64)
+    sizes = np.bincount(codes, minlength=n_batches).astype(np.int64)
+    per_batch = np.where(sizes > 0, np.clip((n_chunks * sizes) // max(n_obs, 1), 1, sizes), 0)
+    batch_chunks = np.concatenate([[0], np.cumsum(per_batch)]).astype(np.int64)
+    batch_rows = np.concatenate([[0], np.cumsum(sizes)])
+    chunk_start = [0]
+    chunk_batch = []
+    for b in range(n_batches):
+        k = int(per_batch[b])
+        if k:
+            edges = batch_rows[b] + (np.arange(1, k + 1) * sizes[b]) // k
+            chunk_start.extend(edges.tolist())
+            chunk_batch.extend([b] * k)
+    return (rows, np.asarray(chunk_start, np.int64), np.asarray(chunk_batch, np.int32),
+            batch_chunks)
+
+
+def _sum_chunks_host(part_sum, part_sum_sq, part_pos, batch_chunks, flags) -> Moments:
+    n_batches = batch_chunks.size - 1
+    n_vars = part_sum.shape[1]
+    out = [np.zeros((n_batches, n_vars)), np.zeros((n_batches, n_vars)),
+           np.zeros((n_batches, n_vars), np.int64)]
+    for b in range(n_batches):
+        lo, hi = batch_chunks[b], batch_chunks[b + 1]
+        for o, part in zip(out, (part_sum, part_sum_sq, part_pos), strict=True):
+            o[b] = part[lo:hi].sum(axis=0)
+    return Moments(*out, flags=int(flags))
+
+
+@gene_moments.register(types.csr_matrix | types.csr_array | np.ndarray)
+def _(x, batch_codes=None, n_batches=1, *, mode=HVG_IDENTITY, scale=1.0, clip=None):
+    n_obs, n_vars = x.shape
+    codes = _codes(batch_codes, n_obs)
+    rows, chunk_start, chunk_batch, batch_chunks = chunk_layout(codes, n_batches, N_CHUNKS)
+    if isinstance(x, np.ndarray):
+        data = np.ascontiguousarray(x).reshape(-1)
+        indices, indptr = np.arange(n_vars, dtype=np.int64), np.empty(0, np.int64)
+    else:
+        data, indices, indptr = x.data, x.indices, x.indptr
+    parts = _moments_rows_host(data, indices, indptr, n_vars, rows, chunk_start, chunk_batch,
+                               mode, float(scale), _clip(clip, n_batches, n_vars),
+                               data.dtype == np.float32)
+    return _sum_chunks_host(*parts[:3], batch_chunks, parts[3])
+
+
+@gene_moments.register(types.csc_matrix | types.csc_array)
+def _(x, batch_codes=None, n_batches=1, *, mode=HVG_IDENTITY, scale=1.0, clip=None):
+    n_obs, n_vars = x.shape
+    codes = _codes(batch_codes, n_obs)
+    *out, flags = _moments_csc_host(x.data, x.indices, x.indptr, n_vars, codes, n_batches,
+                                    mode, float(scale), _clip(clip, n_batches, n_vars),
+                                    x.data.dtype == np.float32)
+    return Moments(*out, flags=int(flags))
+
+
+@numba.njit(inline="always")
+def _transform(v, mode, scale, clip, single):
+    if mode == HVG_EXPM1:
+        if single:  # scanpy: x *= log(base) and expm1 in float32
+            return np.float64(np.expm1(np.float32(v * scale)))
+        return np.expm1(np.float64(v) * scale)
+    d = np.float64(v)
+    if mode == HVG_CLIP:
+        return min(d, clip)
+    return d
+
+
+@numba.njit(inline="always")
+def _value_flags(v):
+    bad = 0
+    if not np.isfinite(v):
+        bad |= FLAG_NONFINITE
+    elif v != np.floor(v):
+        bad |= FLAG_NONINTEGER
+    if v < 0:
+        bad |= FLAG_NEGATIVE
+    return bad
+
+
+@numba.njit(parallel=True, cache=True)
+def _moments_rows_host(data, indices, indptr, n_cols, rows, chunk_start, chunk_batch, mode,
+                       scale, clip, single):
+    # CSR when indptr is given; C-ordered dense (data = x.ravel(), indices = all columns)
+    # when indptr is empty. Chunks run in parallel, each with its own row of partial sums.
+    dense = indptr.size == 0
+    n_chunks = chunk_batch.size
+    part_sum = np.zeros((n_chunks, n_cols))
+    part_sum_sq = np.zeros((n_chunks, n_cols))
+    part_pos = np.zeros((n_chunks, n_cols), np.int64)
+    flags = np.zeros(max(n_chunks, 1), np.int64)
+    for k in numba.prange(n_chunks):
+        b = chunk_batch[k]
+        bad = 0
+        for t in range(chunk_start[k], chunk_start[k + 1]):
+            r = rows[t]
+            if dense:
+                lo, hi = r * n_cols, (r + 1) * n_cols
+            else:
+                lo, hi = indptr[r], indptr[r + 1]
+            for j in range(lo, hi):
+                v = data[j]
+                col = indices[j - lo] if dense else indices[j]
+                bad |= _value_flags(v)
+                f = _transform(v, mode, scale, clip[b, col], single)
+                part_sum[k, col] += f
+                part_sum_sq[k, col] += f * f
+                if v > 0:
+                    part_pos[k, col] += 1
+        flags[k] = bad
+    flag = 0
+    for f in flags:
+        flag |= f
+    return part_sum, part_sum_sq, part_pos, flag
+
+
+@numba.njit(parallel=True, cache=True)
+def _moments_csc_host(data, indices, indptr, n_cols, codes, n_batches, mode, scale, clip,
+                      single):
+    # Genes run in parallel; each gene's column is read by one thread, in stored order.
+    s = np.zeros((n_batches, n_cols))
+    s2 = np.zeros((n_batches, n_cols))
+    pos = np.zeros((n_batches, n_cols), np.int64)
+    flags = np.zeros(max(n_cols, 1), np.int64)
+    for g in numba.prange(n_cols):
+        bad = 0
+        for j in range(indptr[g], indptr[g + 1]):
+            v = data[j]
+            b = codes[indices[j]]
+            bad |= _value_flags(v)
+            f = _transform(v, mode, scale, clip[b, g], single)
+            s[b, g] += f
+            s2[b, g] += f * f
+            if v > 0:
+                pos[b, g] += 1
+        flags[g] = bad
+    flag = 0
+    for f in flags:
+        flag |= f
+    return s, s2, pos, flag
+
+
+# ---------------------------------------------------------------- device
+
+def _device_codes(codes, n_batches):
+    """Row order grouping batches and each batch's first row in that order (host arrays)."""
+    rows = np.argsort(codes, kind="stable").astype(np.int64)
+    sizes = np.bincount(codes, minlength=n_batches)
+    return rows, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+
+@gene_moments.register(types.CupyCSMatrix)
+def _(x, batch_codes=None, n_batches=1, *, mode=HVG_IDENTITY, scale=1.0, clip=None):
+    import cupy as cp
+
+    n_obs, n_vars = x.shape
+    codes = _codes(batch_codes, n_obs)
+    rows, batch_start = _device_codes(codes, n_batches)
+    if n_batches > 1:
+        # Batches become contiguous row ranges: one row gather (a CSR copy), then a CSC copy
+        # whose row indices are sorted within each column. Peak: about 3x the matrix.
+        csr = x if isinstance(x, types.CupyCSRMatrix) else x.tocsr()
+        x = csr[cp.asarray(rows)].tocsc()
+        if not x.has_sorted_indices:
+            x.sort_indices()
+    elif not isinstance(x, types.CupyCSCMatrix):
+        x = x.tocsc()  # one CSC copy (cuSPARSE, deterministic); peak 2x the matrix
+    kernel = cuda.get_kernel("hvg", NAME_EXPRESSIONS,
+                             cuda.template_name("moments_csc", x.dtype, x.indices.dtype))
+    out_sum = cp.empty((n_batches, n_vars), np.float64)
+    out_sum_sq = cp.empty((n_batches, n_vars), np.float64)
+    out_pos = cp.empty((n_batches, n_vars), np.int64)
+    flags = cp.zeros(1, np.int32)
+    clip_dev = cp.asarray(_clip(clip, n_batches, n_vars)) if mode == HVG_CLIP else None
+    n_warps = n_vars * n_batches
+    cuda.launch(kernel, -(-n_warps * 32 // BLOCK), BLOCK, (
+        x.data, x.indices, x.indptr, np.int64(n_vars), np.int32(n_batches),
+        cp.asarray(batch_start), np.int32(mode), np.float64(scale),
+        clip_dev if clip_dev is not None else np.uintp(0),
+        out_sum, out_sum_sq, out_pos, flags,
+    ))
+    flag = int(flags.get()[0])  # synchronize!
+    return Moments(out_sum.get(), out_sum_sq.get(), out_pos.get(), flags=flag)
+
+
+@gene_moments.register(types.CupyArray)
+def _(x, batch_codes=None, n_batches=1, *, mode=HVG_IDENTITY, scale=1.0, clip=None):
+    import cupy as cp
+
+    n_obs, n_vars = x.shape
+    x = cp.ascontiguousarray(x if x.dtype.kind == "f" else x.astype(np.float32))
+    codes = _codes(batch_codes, n_obs)
+    rows, chunk_start, chunk_batch, batch_chunks = chunk_layout(codes, n_batches, N_CHUNKS_DEVICE)
+    n_chunks = chunk_batch.size
+    part = [cp.empty((n_chunks, n_vars), np.float64), cp.empty((n_chunks, n_vars), np.float64),
+            cp.empty((n_chunks, n_vars), np.int64)]
+    flags = cp.zeros(1, np.int32)
+    clip_dev = cp.asarray(_clip(clip, n_batches, n_vars)) if mode == HVG_CLIP else None
+    dense = cuda.get_kernel("hvg", NAME_EXPRESSIONS, cuda.template_name("moments_dense", x.dtype))
+    n_col_tiles = -(-n_vars // BLOCK)
+    cuda.launch(dense, n_chunks * n_col_tiles, BLOCK, (
+        x, np.int64(n_vars), cp.asarray(rows) if n_batches > 1 else np.uintp(0),
+        cp.asarray(chunk_start), cp.asarray(chunk_batch), np.int64(n_chunks), np.int32(mode),
+        np.float64(scale), clip_dev if clip_dev is not None else np.uintp(0), *part, flags,
+    ))
+    out = [cp.empty((n_batches, n_vars), np.float64), cp.empty((n_batches, n_vars), np.float64),
+           cp.empty((n_batches, n_vars), np.int64)]
+    reduce = cuda.get_kernel("hvg", NAME_EXPRESSIONS, "sum_chunks")
+    cuda.launch(reduce, -(-n_batches * n_vars // BLOCK), BLOCK, (
+        *part, cp.asarray(batch_chunks), np.int32(n_batches), np.int64(n_vars), *out,
+    ))
+    flag = int(flags.get()[0])  # synchronize!
+    return Moments(*(o.get() for o in out), flags=flag)

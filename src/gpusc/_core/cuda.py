@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)".*$', re.MULTILINE)
 
 # Scalar types as the kernels' C++ templates spell them.
 CTYPE = {
@@ -45,13 +45,14 @@ def _inline(path: Path, seen: set[Path]) -> str:
     text = path.read_text()
 
     def include(match: re.Match) -> str:
-        header = path.parent / match.group(1)
+        header = (path.parent / match.group(1)).resolve()
         if header in seen:
             return ""
         seen.add(header)
-        return f'#line 1 "kernels/{header.name}"\n{_inline(header, seen)}\n#line 1 "kernels/{path.name}"'
+        resume = text.count("\n", 0, match.start()) + 2  # the line after the #include
+        return (f'#line 1 "kernels/{header.name}"\n{_inline(header, seen)}\n'
+                f'#line {resume} "kernels/{path.name}"')
 
-    # #line after each inlined header is approximate (back to line 1); good enough to find the file
     return _INCLUDE.sub(include, text)
 
 

@@ -1,7 +1,16 @@
 """Preprocessing with scanpy 1.12's functions, arguments, defaults and result keys."""
 
+from ._hvg import highly_variable_genes
 from ._normalize import normalize_total
+from ._pca import pca
 from ._qc import calculate_qc_metrics
 from ._simple import filter_cells, filter_genes, log1p
 
-__all__ = ["calculate_qc_metrics", "filter_cells", "filter_genes", "log1p", "normalize_total"]
+__all__ = ["calculate_qc_metrics", "filter_cells", "filter_genes", "highly_variable_genes", "log1p", "normalize_total", "pca"]
+
+from ._filter_hv import filter_highly_variable
+from ._pearson import normalize_pearson_residuals
+from ._regress_out import regress_out
+from ._scale import scale
+
+__all__ += ["filter_highly_variable", "normalize_pearson_residuals", "regress_out", "scale"]

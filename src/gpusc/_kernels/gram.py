@@ -43,6 +43,9 @@ def gram(x) -> tuple:
     triangle. Peak extra memory: the n_vars² float64 result (times the partial Grams'
     count: at most ``DEVICE_PARTIAL_BYTES`` / ``HOST_PARTIAL_BYTES``), plus a CSR copy for
     CSC input, plus one float64 row chunk for dense input; never a dense copy of sparse X.
+    Work of the CUDA kernel: each output tile's block reads the indices of every non-zero
+    of its rows (about (n_vars / 64)² / 2 passes over the indices) and multiplies dense
+    64-column panels, the FLOPs of a dense n_obs × n_vars Gram in float64.
     """
     raise TypeError(f"gram: unsupported array type {type(x)}")
 

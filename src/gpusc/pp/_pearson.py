@@ -1,0 +1,107 @@
+"""normalize_pearson_residuals, as in scanpy's experimental/pp/_normalization.py."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from anndata import AnnData
+from scanpy import logging as logg
+
+from .._core.adata import actualize_view, check_not_empty, get_matrix, nonfinite_error, set_matrix
+from .._core.arrays import is_csc, placement, to_host
+from .._kernels.normalize import row_sums
+from .._kernels.scale import FLAG_NEGATIVE, FLAG_NONFINITE, FLAG_NONINTEGER, gene_moments, pearson_residuals
+
+_FUNC = "normalize_pearson_residuals"
+
+
+def normalize_pearson_residuals(
+    adata: AnnData,
+    *,
+    theta: float = 100,
+    clip: float | None = None,
+    check_values: bool = True,
+    layer: str | None = None,
+    obsm: str | None = None,
+    inplace: bool = True,
+    copy: bool = False,
+) -> AnnData | dict | None:
+    """Analytic Pearson residuals, as :func:`scanpy.experimental.pp.normalize_pearson_residuals`.
+
+    ``mu = cell_total * gene_total / total``, residual ``(x - mu) / sqrt(mu + mu² / theta)``
+    clipped to ``[-clip, clip]``. One pass gives the per-gene totals and the value checks
+    (``kernels/scale.cu``), one the per-cell totals (``kernels/normalize.cu``), and one more
+    writes the dense residuals straight from CSR or dense counts (no densified copy of the
+    counts); all sums in float64. Cells or genes with no counts give NaN, as in scanpy.
+    Device memory: the dense result (CSC input is first converted to CSR).
+
+    Parameters
+    ----------
+    adata
+        Cells × genes raw counts; X, the layer or the obsm entry may live on host or device.
+    theta
+        Overdispersion of the negative binomial model, shared by all genes; > 0.
+    clip
+        Clip residuals to this absolute value; ``None``: ``sqrt(n_obs)``. ≥ 0.
+    check_values
+        Warn (UserWarning, as scanpy) when the counts hold negative or non-integer values.
+        NaN/inf always raise a ValueError.
+    layer, obsm
+        Compute on this layer or obsm entry instead of X.
+    inplace
+        Update ``adata``, or return the results.
+    copy
+        Work on (and return) a copy of ``adata``; not with ``inplace=False``.
+
+    Returns
+    -------
+    With ``inplace=False``: ``{"X": residuals, "theta", "clip", "computed_on"}``. Otherwise
+    ``None`` (or the copy with ``copy=True``); X (or the layer/obsm) becomes the dense
+    residuals (numpy or cupy; float32 for float32 counts with a Python-number ``clip``,
+    float64 otherwise, as scanpy) and ``uns['pearson_residuals_normalization']`` holds
+    ``theta``, ``clip`` (as given) and ``computed_on`` (the layer or obsm name, or
+    ``'adata.X'``).
+    """
+    if copy and not inplace:
+        raise ValueError("`copy=True` cannot be used with `inplace=False`.")
+    if theta <= 0:
+        raise ValueError("Pearson residuals require theta > 0")
+    x = get_matrix(adata, layer=layer, obsm=obsm, func=_FUNC)  # KeyError before any change
+    placement(x)
+    check_not_empty(x, _FUNC)
+    clip_value = np.sqrt(x.shape[0]) if clip is None else clip
+    if clip_value < 0:
+        raise ValueError("Pearson residuals require `clip>=0` or `clip=None`.")
+    computed_on = layer or obsm or "adata.X"
+    start = logg.info(f"computing analytic Pearson residuals on {computed_on}")
+
+    if is_csc(x):
+        x = x.tocsr()
+    if x.dtype.kind != "f":
+        x = x.astype(np.float64)  # exact for counts; scanpy's integer sums end in float64 too
+    # scanpy computes in the input's precision and clips against `clip`: numpy's promotion
+    # of those two gives the output dtype (float32 stays float32 only for a weak Python clip)
+    out_dtype = np.result_type(np.zeros(0, x.dtype), clip_value)
+    moments = gene_moments(x)
+    if moments.flags & FLAG_NONFINITE:
+        raise nonfinite_error(_FUNC, f"layer {layer!r}" if layer else (f"obsm {obsm!r}" if obsm else "adata.X"))
+    if check_values and moments.flags & (FLAG_NEGATIVE | FLAG_NONINTEGER):
+        warnings.warn("`normalize_pearson_residuals()` expects raw count data, but non-integers were found.",
+                      UserWarning, stacklevel=2)
+    cell_sums, _ = row_sums(x)
+    gene_sums = moments.sums
+    total = float(to_host(gene_sums).sum())  # synchronize!
+    residuals = pearson_residuals(x, cell_sums, gene_sums, total, float(theta), float(clip_value), out_dtype)
+
+    settings = dict(theta=theta, clip=clip, computed_on=computed_on)
+    if not inplace:
+        logg.info("    finished ({time_passed})", time=start)
+        return dict(X=residuals, **settings)
+    if copy:
+        adata = adata.copy()
+    actualize_view(adata)
+    set_matrix(adata, residuals, layer=layer, obsm=obsm)
+    adata.uns["pearson_residuals_normalization"] = settings
+    logg.info("    finished ({time_passed})", time=start)
+    return adata if copy else None

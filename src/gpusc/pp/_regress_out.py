@@ -1,0 +1,214 @@
+"""regress_out, as in scanpy's preprocessing/_simple.py.
+
+scanpy fits each gene separately (numpy for numeric keys with a non-singular design,
+statsmodels' Gaussian GLM otherwise). Here every gene is fitted at once: one pass over
+the rows accumulates ``Rᵀ X`` in float64 (matrix products on the device or host, rows in
+chunks so sparse input is never densified whole), the small k × k system is solved on the
+host, and a second pass writes ``X - R · coef``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scanpy import logging as logg
+
+from .._core.adata import actualize_view, check_not_empty, get_matrix, nonfinite_error, set_matrix
+from .._core.arrays import is_csc, is_sparse, placement, xp_of
+
+_FUNC = "regress_out"
+# Elements of X densified (as float64) at a time.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_chunks(x):
+    """(start, stop, float64 dense rows) over x, CHUNK_ELEMENTS values at a time."""
+    xp = xp_of(x)
+    step = max(1, CHUNK_ELEMENTS // max(x.shape[1], 1))
+    for start in range(0, x.shape[0], step):
+        stop = min(start + step, x.shape[0])
+        rows = x[start:stop]
+        rows = rows.toarray() if is_sparse(rows) else rows
+        yield start, stop, xp.asarray(rows, dtype=np.float64)
+
+
+def _rhs_and_range(x, design: Callable):
+    """Rᵀ X (float64, k × n_vars) and each gene's min and max, in one pass over x."""
+    xp = xp_of(x)
+    rhs = lo = hi = None
+    for start, stop, rows in _row_chunks(x):
+        part = design(start, stop).T @ rows
+        rhs = part if rhs is None else rhs + part
+        cmin, cmax = rows.min(axis=0), rows.max(axis=0)
+        lo = cmin if lo is None else xp.minimum(lo, cmin)
+        hi = cmax if hi is None else xp.maximum(hi, cmax)
+    return rhs, lo, hi
+
+
+def _residuals(x, fitted: Callable, dtype):
+    """A new dense C-ordered X - fitted, computed in float64 and stored as `dtype`."""
+    xp = xp_of(x)
+    out = xp.empty(x.shape, dtype)
+    for start, stop, rows in _row_chunks(x):
+        out[start:stop] = rows - fitted(start, stop)
+    return out
+
+
+def _regressor_columns(adata: AnnData, keys: list[str]):
+    """('categorical', codes, n_categories) or ('numeric', float64 design with intercept)."""
+    missing = [k for k in keys if k not in adata.obs.columns]
+    if missing:
+        raise KeyError(f"{_FUNC}: keys {missing} not found in adata.obs; "
+                       f"it has {list(adata.obs.columns)}")
+    obs = adata.obs[keys] if keys else adata.obs
+    if obs.shape[1] == 0:
+        raise ValueError(f"{_FUNC}: no keys given and adata.obs has no columns to regress on")
+    first = obs.iloc[:, 0]
+    # scanpy's sanitize_anndata turns string columns into categoricals first
+    if isinstance(first.dtype, pd.CategoricalDtype) or pd.api.types.is_string_dtype(first.dtype):
+        if obs.shape[1] > 1:
+            raise ValueError("If providing categorical variable, only a single one is allowed. "
+                             "For this one we regress on the mean for each category.")
+        cat = first if isinstance(first.dtype, pd.CategoricalDtype) else first.astype("category")
+        return "categorical", cat.cat.codes.to_numpy().astype(np.int64), len(cat.cat.categories)
+    for name, col in obs.items():
+        if not (pd.api.types.is_numeric_dtype(col.dtype) or pd.api.types.is_bool_dtype(col.dtype)) \
+                or isinstance(col.dtype, pd.CategoricalDtype):
+            raise ValueError(f"{_FUNC}: obs column {name!r} has dtype {col.dtype}; regress on numeric "
+                             "columns, or on one categorical column alone")
+    values = obs.to_numpy(dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError(f"{_FUNC}: obs columns {list(obs.columns)} contain NaN or inf; "
+                         "fill or drop those cells first")
+    return "numeric", np.column_stack([np.ones(len(values)), values])
+
+
+def _float_x(x):
+    """scanpy's casting of integer input: float32 up to 4-byte integers, float64 beyond."""
+    if x.dtype.kind == "f":
+        return x
+    return x.astype(np.float32 if x.dtype.itemsize <= 4 else np.float64)
+
+
+def _fit_numeric(x, design: np.ndarray):
+    xp = xp_of(x)
+    r = xp.asarray(design)
+    rhs, lo, hi = _rhs_and_range(x, lambda s, e: r[s:e])
+    _check_finite(rhs)
+    gram = design.T @ design
+    if np.linalg.det(gram) != 0:  # scanpy's test for its numpy path
+        coef = xp.asarray(np.linalg.inv(gram)) @ rhs
+        return _residuals(x, lambda s, e: r[s:e] @ coef, x.dtype)
+    # scanpy's GLM path: least squares (minimum norm), constant genes left as they are, float64
+    coef = xp.asarray(np.linalg.pinv(gram)) @ rhs
+    coef[:, lo == hi] = 0
+    return _residuals(x, lambda s, e: r[s:e] @ coef, np.float64)
+
+
+def _fit_categorical(x, codes: np.ndarray, n_cat: int):
+    """Per gene, least squares on [1, m] with m the gene's float32 category mean for the
+    cell's category (0 for cells without one), as scanpy's ``_create_regressor_categorical``
+    and GLM; solved in closed form with m centred, for all genes at once. float64 result."""
+    xp = xp_of(x)
+    n = x.shape[0]
+    codes_d = xp.asarray(codes)
+
+    def one_hot(s, e):  # [1 | category indicators] for rows s:e
+        block = xp.zeros((e - s, n_cat + 1), np.float64)
+        block[:, 0] = 1
+        c = codes_d[s:e]
+        rows = xp.flatnonzero(c >= 0)
+        block[rows, c[rows] + 1] = 1
+        return block
+
+    rhs, lo, hi = _rhs_and_range(x, one_hot)
+    _check_finite(rhs)
+    counts = np.bincount(codes[codes >= 0], minlength=n_cat).astype(np.float64)
+    cat_sums = rhs[1:]  # n_cat × n_vars
+    counts_d = xp.asarray(counts)[:, None]
+    means = xp.where(counts_d > 0, cat_sums / xp.where(counts_d > 0, counts_d, 1), 0)
+    means = means.astype(np.float32).astype(np.float64)  # scanpy's float32 regressor
+    m_bar = (counts_d * means).sum(axis=0) / n  # cells without a category have m = 0
+    y_sum = rhs[0]
+    n_none = n - counts.sum()
+    sxy = ((means - m_bar) * cat_sums).sum(axis=0) - m_bar * (y_sum - cat_sums.sum(axis=0))
+    sxx = (counts_d * (means - m_bar) ** 2).sum(axis=0) + n_none * m_bar**2
+    slope = xp.where(sxx > 0, sxy / xp.where(sxx > 0, sxx, 1), 0)
+    intercept = y_sum / n - slope * m_bar
+    constant = lo == hi  # scanpy leaves these genes untouched
+    slope[constant] = 0
+    intercept[constant] = 0
+    # fitted = intercept + slope * m(cell): row 0 for cells without a category
+    table = xp.concatenate([xp.zeros((1, x.shape[1])), slope * means], axis=0)
+    return _residuals(x, lambda s, e: intercept + table[codes_d[s:e] + 1], np.float64)
+
+
+def _check_finite(rhs) -> None:
+    # every design has an intercept column, so a NaN/inf anywhere in X reaches Rᵀ X
+    if not bool(xp_of(rhs).isfinite(rhs).all()):  # synchronize!
+        raise nonfinite_error(_FUNC, "the data")
+
+
+def regress_out(
+    adata: AnnData,
+    keys: str | Sequence[str],
+    *,
+    layer: str | None = None,
+    n_jobs: int | None = None,
+    copy: bool = False,
+) -> AnnData | None:
+    """Regress out unwanted sources of variation, as :func:`scanpy.pp.regress_out`.
+
+    Linear regression of every gene on the obs columns ``keys`` (numeric columns with an
+    intercept, or one categorical column: the gene's per-category mean as regressor, as
+    scanpy), all genes at once: ``coef = solve(RᵀR, RᵀX)``, result ``X - R · coef``.
+    Products run where X lives (cuBLAS through CuPy on the device, BLAS on the host), in
+    float64, over chunks of rows. Like scanpy, the result is dense: X's float dtype
+    (integers: float32 up to 4 bytes, float64 beyond) for numeric keys; float64 for a
+    categorical key or a singular design, where genes constant over all cells are left as
+    they are. Device memory: the dense result plus float64 chunks of about 32 MiB.
+
+    Parameters
+    ----------
+    adata
+        Cells × genes; X or the layer may live on host or device.
+    keys
+        obs columns to regress on: numeric ones, or a single categorical (or string) one.
+    layer
+        Regress this layer instead of X.
+    n_jobs
+        Accepted for scanpy compatibility; the fit is one batched solve, so it is unused.
+    copy
+        Work on (and return) a copy of ``adata``.
+
+    Returns
+    -------
+    ``None``, or the copy with ``copy=True``; X (or the layer) becomes the dense corrected
+    matrix (numpy or cupy, dtype as above).
+    """
+    del n_jobs
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    x = get_matrix(adata, layer=layer, func=_FUNC)  # KeyError before any change
+    placement(x)
+    check_not_empty(x, _FUNC)
+    regressors = _regressor_columns(adata, keys)
+    start = logg.info(f"regressing out {keys}")
+    if is_sparse(x):
+        logg.info("    sparse input is densified and may lead to high memory use")
+        if is_csc(x):
+            x = x.tocsr()  # row chunks
+    x = _float_x(x)
+    if regressors[0] == "categorical":
+        result = _fit_categorical(x, regressors[1], regressors[2])
+    else:
+        result = _fit_numeric(x, regressors[1])
+    if copy:
+        adata = adata.copy()
+    actualize_view(adata)
+    set_matrix(adata, result, layer=layer)
+    logg.info("    finished", time=start)
+    return adata if copy else None
+

@@ -9,7 +9,7 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from .._core.adata import actualize_view, check_not_empty, get_matrix, nonfinite_error, set_matrix
-from .._core.arrays import is_csc, placement, to_host
+from .._core.arrays import is_csc, is_sparse, placement, to_host, xp_of
 from .._kernels.normalize import row_sums
 from .._kernels.scale import FLAG_NEGATIVE, FLAG_NONFINITE, FLAG_NONINTEGER, gene_moments, pearson_residuals
 
@@ -78,6 +78,8 @@ def normalize_pearson_residuals(
 
     if is_csc(x):
         x = x.tocsr()
+    elif placement(x) == "device" and not is_sparse(x) and not x.flags.c_contiguous:
+        x = xp_of(x).ascontiguousarray(x)  # the device row kernels index C-ordered rows
     if x.dtype.kind != "f":
         x = x.astype(np.float64)  # exact for counts; scanpy's integer sums end in float64 too
     # scanpy computes in the input's precision and clips against `clip`: numpy's promotion

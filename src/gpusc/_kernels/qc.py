@@ -53,8 +53,19 @@ def _(x, qc_masks, ns):
     return qc_stats(x.tocsr(), qc_masks, ns)
 
 
+def _canonical(x):
+    """x, or a copy with duplicate entries summed: a gene stored twice in a cell is one
+    expressed gene with one value (the kernels count stored entries)."""
+    if x.has_canonical_format:  # computed once by scipy/cupyx, then cached
+        return x
+    x = x.copy()
+    x.sum_duplicates()
+    return x
+
+
 @qc_stats.register(types.csr_matrix | types.csr_array)
 def _(x, qc_masks, ns):
+    x = _canonical(x)
     return _stats(*_qc_host(x.data, x.indices, x.indptr, *x.shape, _as_uint8(qc_masks), _ns(ns)))
 
 
@@ -78,6 +89,7 @@ def _(x, qc_masks, ns):
         name = cuda.template_name("qc_dense", x.dtype)
         matrix_args = (x, np.int64(n_rows), np.int64(n_cols))
     else:
+        x = _canonical(x)
         name = cuda.template_name("qc_csr", x.dtype, x.indices.dtype)
         matrix_args = (x.data, x.indices, x.indptr, np.int64(n_rows))
     kernel = cuda.get_kernel("qc", NAME_EXPRESSIONS, name)

@@ -32,7 +32,8 @@ def calculate_qc_metrics(
     One pass over the matrix computes every per-cell and per-gene statistic (a CUDA
     kernel for device arrays, a numba kernel for host arrays). Explicitly stored zeros
     are not counted as expressed genes (scanpy removes them first; we leave the matrix
-    untouched). CSC input is read through one CSR copy (peak: 2x the matrix).
+    untouched). CSC input is read through one CSR copy (peak: 2x the matrix), and so is
+    sparse input with duplicate entries (summed first, as a dense view of it would be).
 
     Parameters
     ----------

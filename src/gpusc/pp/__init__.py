@@ -1,6 +1,7 @@
 """Preprocessing with scanpy 1.12's functions, arguments, defaults and result keys."""
 
 from ._hvg import highly_variable_genes
+from ._neighbors import neighbors
 from ._normalize import normalize_total
 from ._pca import pca
 from ._qc import calculate_qc_metrics

@@ -1,0 +1,340 @@
+"""pp.neighbors against scikit-learn's exact brute force and scanpy's graph code (the oracles)."""
+
+from __future__ import annotations
+
+import warnings
+
+import anndata as ad
+import numpy as np
+import pytest
+import scanpy as sc
+from conftest import read_real
+from scanpy.neighbors._connectivity import gauss as sc_gauss
+from scanpy.neighbors._connectivity import jaccard as sc_jaccard
+from scanpy.neighbors._connectivity import umap as sc_umap
+from scipy import sparse
+from sklearn.neighbors import NearestNeighbors
+
+import gpusc
+from gpusc._kernels.topk import knn_host
+from gpusc._settings import resolve_device
+
+METRICS = ["euclidean", "sqeuclidean", "cosine", "manhattan"]
+DEVICES = ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(scope="module")
+def pbmc_pca():
+    """pbmc3k's X_pca from scanpy's own pipeline (normalize_total, log1p, hvg 2000, pca 50)."""
+    adata = read_real("pbmc3k_counts_labeled.h5ad")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc.pp.normalize_total(adata)
+        sc.pp.log1p(adata)
+        sc.pp.highly_variable_genes(adata, n_top_genes=2000)
+        sc.pp.pca(adata, n_comps=50, mask_var="highly_variable")
+    return np.ascontiguousarray(adata.obsm["X_pca"])
+
+
+def blobs(n=1500, dim=20, centers=6, dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    means = rng.normal(scale=8, size=(centers, dim))
+    labels = rng.integers(centers, size=n)
+    return (means[labels] + rng.normal(size=(n, dim))).astype(dtype)
+
+
+def sklearn_knn(x, k, metric):
+    nn = NearestNeighbors(n_neighbors=k, algorithm="brute", metric=metric).fit(x)
+    dist, idx = nn.kneighbors(x)
+    return idx, dist
+
+
+def direct_knn(x, k, metric):
+    """Exact kNN from SciPy's directly computed (not expanded) distances."""
+    from scipy.spatial.distance import cdist
+
+    d = cdist(x, x, metric={"manhattan": "cityblock"}.get(metric, metric))
+    np.fill_diagonal(d, -1)  # each point first
+    idx = np.argsort(d, axis=1, kind="stable")[:, :k]
+    dist = np.take_along_axis(d, idx, axis=1)
+    dist[:, 0] = 0
+    return idx, dist
+
+
+def compare_sets(idx, dist, ref_idx, ref_dist, *, rtol=1e-5, atol=1e-6):
+    """Identical neighbour sets except where the k-th distance is tied with the (k+1)-th."""
+    assert idx.shape == ref_idx.shape
+    n = idx.shape[0]
+    np.testing.assert_array_equal(idx[:, 0], np.arange(n))  # each point first
+    np.testing.assert_array_equal(dist[:, 0], 0)
+    assert (np.diff(dist, axis=1) >= 0).all()  # sorted by distance
+    # distances agree position by position (sorted lists), ties or not; scikit-learn's own
+    # distance is the expansion's rounding error (~1e-6), ours exactly 0
+    np.testing.assert_allclose(dist[:, 1:], ref_dist[:, 1:], rtol=rtol, atol=atol)
+    differ = [i for i in range(n) if set(idx[i]) != set(ref_idx[i])]
+    kth = dist[:, -1]
+    # a differing row must be a tie at the boundary: the swapped points lie at the k-th distance
+    for i in differ:
+        swapped = set(idx[i]) ^ set(ref_idx[i])
+        assert all(np.isclose(np.where(idx[i] == j, dist[i], 0).sum() or
+                              np.where(ref_idx[i] == j, ref_dist[i], 0).sum(), kth[i],
+                              rtol=1e-5) for j in swapped), f"row {i} differs beyond a tie"
+    return len(differ)
+
+
+# ---------------------------------------------------------------- the kNN itself
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_knn_matches_sklearn_on_pbmc3k_pca(pbmc_pca, metric):
+    k = 15
+    idx, dist = knn_host(pbmc_pca, k, metric)
+    ref_idx, ref_dist = sklearn_knn(pbmc_pca, k, metric)
+    ties = compare_sets(idx, dist, ref_idx, ref_dist, rtol=1e-4, atol=1e-5)
+    assert ties <= 3, f"{ties} rows differ (ties)"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("metric", METRICS)
+def test_knn_matches_sklearn_on_blobs(metric, dtype):
+    x = blobs(dtype=dtype)
+    idx, dist = knn_host(x, 10, metric)
+    ref_idx, ref_dist = sklearn_knn(x.astype(np.float64), 10, metric)
+    assert compare_sets(idx, dist, ref_idx, ref_dist) == 0
+
+
+def test_knn_float32_pass_falls_back_to_float64_for_close_candidates():
+    # far from the origin, with neighbours 1e-3 apart: float32 products cannot tell them
+    # apart, so rows must be redone in float64 and still match exact search (scikit-learn's
+    # expansion is itself off by ~1e-6 here, so the oracle is SciPy's direct cdist)
+    rng = np.random.default_rng(3)
+    x = 1000 + rng.normal(scale=1e-3, size=(400, 8))
+    x[:, 0] += 50 * rng.integers(3, size=400)
+    idx, dist = knn_host(x, 6, "euclidean")
+    ref_idx, ref_dist = direct_knn(x, 6, "euclidean")
+    assert compare_sets(idx, dist, ref_idx, ref_dist, rtol=1e-9, atol=1e-12) == 0
+
+
+def test_knn_duplicates_put_each_point_first():
+    x = np.repeat(blobs(n=50, dim=5), 30, axis=0)  # 30 copies of each point: more than k + margin
+    idx, dist = knn_host(x, 5, "euclidean")
+    np.testing.assert_array_equal(idx[:, 0], np.arange(len(x)))
+    np.testing.assert_array_equal(dist, 0)
+    assert (idx // 30 == np.arange(len(x))[:, None] // 30).all()  # neighbours are copies
+
+
+def test_knn_is_deterministic():
+    x = blobs(n=800)
+    a = knn_host(x, 12, "cosine")
+    b = knn_host(x, 12, "cosine")
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+# ---------------------------------------------------------------- the AnnData function
+
+def anndata_with_pca(x):
+    adata = ad.AnnData(np.zeros((x.shape[0], 60), np.float32))
+    adata.obsm["X_pca"] = x
+    return adata
+
+
+def sklearn_scanpy(adata, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sc.pp.neighbors(adata, transformer="sklearn", copy=True, **kw)
+
+
+def assert_csr_close(ours, ref, rtol=1e-5, atol=1e-7):
+    assert isinstance(ours, sparse.csr_matrix)
+    assert ours.shape == ref.shape
+    assert ours.nnz == ref.nnz
+    np.testing.assert_array_equal((ours != 0).toarray(), (ref != 0).toarray())
+    diff = abs(ours - ref)
+    scale = abs(ref).max()
+    assert diff.max() <= atol + rtol * scale, f"max abs difference {diff.max()}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["umap", "gauss", "jaccard"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_neighbors_equals_scanpy_sklearn(metric, method, device):
+    x = blobs(n=600, dim=15, dtype=np.float64)
+    ours = anndata_with_pca(x)
+    gpusc.pp.neighbors(ours, n_neighbors=12, metric=metric, method=method, device=device)
+    ref = sklearn_scanpy(anndata_with_pca(x), n_neighbors=12, metric=metric, method=method)
+    assert ours.uns["neighbors"] == ref.uns["neighbors"]
+    d, rd = ours.obsp["distances"], ref.obsp["distances"]
+    assert (d.getnnz(axis=1) == 11).all()
+    assert_csr_close(d, rd)
+    assert d.dtype == np.float64
+    c, rc = ours.obsp["connectivities"], ref.obsp["connectivities"]
+    assert c.dtype == rc.dtype
+    assert_csr_close(c, rc)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_connectivities_from_the_same_knn(pbmc_pca, dtype, device):
+    """umap/gauss/jaccard connectivities equal scanpy's computed from our own kNN arrays."""
+    x = pbmc_pca.astype(dtype)
+    adata = anndata_with_pca(x)
+    k = 15
+    idx, dist = knn_host(x, k, "euclidean")
+    n = x.shape[0]
+    for method in ("umap", "gauss", "jaccard"):
+        gpusc.pp.neighbors(adata, n_neighbors=k, method=method, key_added=method, device=device)
+        ours = adata.obsp[f"{method}_connectivities"]
+        if method == "umap":
+            ref = sc_umap(idx, dist, n_obs=n, n_neighbors=k)
+        elif method == "gauss":
+            ref = sc_gauss(adata.obsp[f"{method}_distances"].copy(), k, knn=True)  # it sorts in place
+        else:
+            ref = sc_jaccard(idx, n_obs=n, n_neighbors=k)
+        assert_csr_close(ours, ref.tocsr())
+        np.testing.assert_array_equal(adata.obsp[f"{method}_distances"].indices, idx[:, 1:].ravel())
+
+
+def test_key_added_copy_n_pcs_and_use_rep():
+    x = blobs(n=300, dim=30)
+    adata = anndata_with_pca(x)
+    adata.obsm["X_other"] = x[:, ::-1].copy()
+    before = adata.copy()
+    out = gpusc.pp.neighbors(adata, n_neighbors=8, n_pcs=10, key_added="nb", copy=True)
+    assert out is not adata
+    assert not adata.obsp and "nb" not in adata.uns  # the input is untouched
+    np.testing.assert_array_equal(adata.obsm["X_pca"], before.obsm["X_pca"])
+    ref = sklearn_scanpy(anndata_with_pca(x), n_neighbors=8, n_pcs=10, key_added="nb")
+    assert out.uns["nb"] == ref.uns["nb"]
+    assert set(out.obsp) == {"nb_distances", "nb_connectivities"}
+    assert_csr_close(out.obsp["nb_distances"], ref.obsp["nb_distances"])
+    assert_csr_close(out.obsp["nb_connectivities"], ref.obsp["nb_connectivities"])
+
+    assert gpusc.pp.neighbors(adata, n_neighbors=8, use_rep="X_other") is None
+    ref = sklearn_scanpy(anndata_with_pca(x), n_neighbors=8, use_rep="X_pca")
+    assert adata.uns["neighbors"]["params"]["use_rep"] == "X_other"
+    assert_csr_close(adata.obsp["distances"], ref.obsp["distances"], rtol=1e-4)
+
+
+def test_small_x_is_used_directly_and_n_pcs_zero():
+    x = blobs(n=200, dim=12)
+    ours = ad.AnnData(x)
+    gpusc.pp.neighbors(ours, n_neighbors=6)
+    ref = sklearn_scanpy(ad.AnnData(x), n_neighbors=6)
+    assert_csr_close(ours.obsp["distances"], ref.obsp["distances"], rtol=1e-4)
+    assert_csr_close(ours.obsp["connectivities"], ref.obsp["connectivities"])
+    sp = ad.AnnData(sparse.csr_matrix(x))
+    gpusc.pp.neighbors(sp, n_neighbors=6, n_pcs=0)
+    assert sp.uns["neighbors"]["params"]["n_pcs"] == 0
+    assert_csr_close(sp.obsp["distances"], ref.obsp["distances"], rtol=1e-4)
+
+
+def test_many_genes_without_pca(monkeypatch):
+    adata = ad.AnnData(np.random.default_rng(0).poisson(1, (100, 80)).astype(np.float32))
+    monkeypatch.delattr(gpusc.pp, "pca", raising=False)
+    with pytest.raises(ValueError, match="run pp.pca first"):
+        gpusc.pp.neighbors(adata)
+    assert not adata.obsp and not adata.uns and not adata.obsm
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"n_neighbors": 200}, ValueError, "n_neighbors=200"),
+    ({"n_neighbors": 100}, ValueError, "n_neighbors=100"),
+    ({"n_neighbors": 1}, ValueError, "n_neighbors=1"),
+    ({"n_neighbors": 0}, ValueError, "n_neighbors=0"),
+    ({"n_neighbors": 5.5}, TypeError, "n_neighbors"),
+    ({"use_rep": "X_missing"}, KeyError, "use_rep='X_missing'"),
+    ({"n_pcs": 40}, ValueError, "n_pcs=40"),
+    ({"metric": "chebyshev"}, ValueError, "metric='chebyshev'"),
+    ({"metric_kwds": {"p": 3}}, ValueError, "metric_kwds"),
+    ({"algorithm": "kd_tree"}, ValueError, "algorithm='kd_tree'"),
+    ({"algorithm": "cagra", "device": "cpu"}, ValueError, "algorithm='cagra'"),
+    ({"method": "rapids"}, ValueError, "method='rapids'"),
+    ({"knn": False}, NotImplementedError, "knn=False"),
+    ({"transformer": "pynndescent"}, ValueError, "transformer="),
+    ({"device": "tpu"}, ValueError, "device"),
+])
+def test_bad_arguments_leave_adata_unchanged(kwargs, error, match):
+    adata = anndata_with_pca(blobs(n=100, dim=30))
+    before = adata.copy()
+    with pytest.raises(error, match=match):
+        gpusc.pp.neighbors(adata, **kwargs)
+    assert not adata.obsp and not adata.uns
+    np.testing.assert_array_equal(adata.obsm["X_pca"], before.obsm["X_pca"])
+
+
+def test_nan_in_representation():
+    x = blobs(n=100, dim=30)
+    x[7, 3] = np.nan
+    adata = anndata_with_pca(x)
+    with pytest.raises(ValueError, match="NaN"):
+        gpusc.pp.neighbors(adata)
+    assert not adata.obsp and not adata.uns
+
+
+def test_ann_algorithms_name_the_extra(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_cuvs(name, *args, **kwargs):
+        if name.startswith("cuvs"):
+            raise ImportError("No module named 'cuvs'")
+        return real_import(name, *args, **kwargs)
+
+    from gpusc.pp import _neighbors
+
+    monkeypatch.setattr(builtins, "__import__", no_cuvs)
+    with pytest.raises(ImportError, match="rapids-cu13"):
+        _neighbors._cuvs_knn(blobs(n=50, dim=4), 5, "euclidean", "cagra")
+
+
+# ---------------------------------------------------------------- settings
+
+def test_settings_device(monkeypatch):
+    from gpusc import _settings
+
+    assert gpusc.settings.device == "auto"
+    with pytest.raises(ValueError, match="auto"):
+        gpusc.settings.device = "cuda"
+    monkeypatch.setattr(_settings, "gpu_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(RuntimeError, match="device='gpu'"):
+        resolve_device("gpu")
+    monkeypatch.setattr(gpusc.settings, "_device", "cpu")
+    assert resolve_device(None) == "cpu"
+    monkeypatch.setattr(_settings, "gpu_available", lambda: True)
+    assert resolve_device("auto") == "gpu"
+    assert resolve_device(None) == "cpu"  # settings.device = "cpu" wins over auto-detection
+
+
+# ---------------------------------------------------------------- GPU twins
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", METRICS)
+def test_device_knn_matches_host(pbmc_pca, metric):
+    from gpusc._kernels.topk import knn_device
+
+    idx, dist = knn_device(pbmc_pca, 15, metric)
+    ref_idx, ref_dist = sklearn_knn(pbmc_pca, 15, metric)
+    assert compare_sets(idx, dist, ref_idx, ref_dist, rtol=1e-4, atol=1e-5) <= 3
+    host_idx, host_dist = knn_host(pbmc_pca, 15, metric)
+    np.testing.assert_allclose(dist, host_dist, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+def test_device_knn_float32_fallback_and_duplicates():
+    from gpusc._kernels.topk import knn_device
+
+    rng = np.random.default_rng(3)
+    x = 1000 + rng.normal(scale=1e-3, size=(400, 8))
+    x[:, 0] += 50 * rng.integers(3, size=400)
+    idx, dist = knn_device(x, 6, "euclidean")
+    ref_idx, ref_dist = direct_knn(x, 6, "euclidean")
+    assert compare_sets(idx, dist, ref_idx, ref_dist, rtol=1e-9, atol=1e-12) == 0
+    dup = np.repeat(blobs(n=50, dim=5), 30, axis=0)
+    idx, dist = knn_device(dup, 5, "euclidean")
+    np.testing.assert_array_equal(idx[:, 0], np.arange(len(dup)))
+    np.testing.assert_array_equal(dist, 0)

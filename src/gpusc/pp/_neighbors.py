@@ -285,8 +285,10 @@ def _gauss(knn_idx, knn_dist, n_obs, where):
     num = 2 * sigmas[:, None] * sigmas[idx]
     den = sigmas_sq[:, None] + sigmas_sq[idx]
     w_vals = xp.sqrt(num / den) * xp.exp(-d_sq / den)
-    rows = xp.repeat(xp.arange(n, dtype=idx.dtype), k - 1)
-    w = sp.csr_matrix((w_vals.ravel(), (rows, idx.ravel())), shape=(n_obs, n_obs))
+    index_dtype = np.int32 if where == "gpu" else idx.dtype  # cuSPARSE indices are int32
+    rows = xp.repeat(xp.arange(n, dtype=index_dtype), k - 1)
+    w = sp.coo_matrix((w_vals.ravel(), (rows, idx.ravel().astype(index_dtype))),
+                      shape=(n_obs, n_obs)).tocsr()
     pattern = w.copy()
     pattern.data = xp.ones_like(pattern.data)
     wt = w.T.tocsr()

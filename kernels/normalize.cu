@@ -42,9 +42,9 @@ __device__ __forceinline__ void scale_row(const Rows& rows, long long n_rows,
                                           const double* divisor) {
     const long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (row >= n_rows) return;
-    const double d = divisor[row];
+    const double inverse = 1.0 / divisor[row];  // as the numba twin: one division per row
     for (long long j = rows.begin(row) + (threadIdx.x & 31); j < rows.end(row); j += 32)
-        rows.data[j] = (T)((double)rows.data[j] / d);
+        rows.data[j] = (T)((double)rows.data[j] * inverse);
 }
 
 template <typename T, typename I>

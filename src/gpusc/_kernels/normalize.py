@@ -173,11 +173,16 @@ def _row_sums_host(data, indices, indptr, n_rows, n_cols, excluded):
     dense = indices.size == 0
     for i in numba.prange(n_rows):
         s, nonfinite = 0.0, False
-        for j in range(indptr[i], indptr[i + 1]):
-            v = data[j]
-            nonfinite |= not np.isfinite(v)
-            if excluded.size == 0 or not excluded[j - indptr[i] if dense else indices[j]]:
-                s += v
+        if excluded.size == 0:  # the common case: a branch-free loop the compiler vectorises
+            for j in range(indptr[i], indptr[i + 1]):
+                s += data[j]
+            nonfinite = not np.isfinite(s)  # NaN and inf survive a sum of finite-or-not values
+        else:
+            for j in range(indptr[i], indptr[i + 1]):
+                v = data[j]
+                nonfinite |= not np.isfinite(v)
+                if not excluded[j - indptr[i] if dense else indices[j]]:
+                    s += v
         sums[i], bad[i] = s, nonfinite
     return sums, bool(bad.any())
 
@@ -202,6 +207,6 @@ def _high_genes_host(data, indices, indptr, n_rows, n_cols, sums, max_fraction):
 @numba.njit(parallel=True, cache=True)
 def _scale_rows_host(data, indptr, n_cols, divisor):
     for i in numba.prange(indptr.size - 1):
-        d = divisor[i]
+        inverse = 1.0 / divisor[i]  # one division per row; the product in float64 rounds as x / d
         for j in range(indptr[i], indptr[i + 1]):
-            data[j] = data[j] / d
+            data[j] = data[j] * inverse

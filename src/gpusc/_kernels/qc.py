@@ -154,26 +154,58 @@ def _stats(row_total, row_nnz, row_qc, row_top, col_total, col_nnz, flags) -> QC
 
 
 @numba.njit(cache=True)
-def _top_sums(values, ns, out):
-    """out[m] = sum of the ns[m] largest of `values` (missing entries count as zero)."""
-    k = ns[-1]
-    if values.size > k:
-        top = -np.partition(-values.astype(np.float64), k - 1)[:k]
-    else:
-        top = values.astype(np.float64)
-    top = np.sort(top)[::-1]
-    acc, i = 0.0, 0
-    for m in range(ns.size):
-        stop = min(ns[m], top.size)
-        while i < stop:
-            acc += top[i]
-            i += 1
+def _select_largest(buf, n, k):
+    """Reorder buf[:n] so that buf[:k] holds its k largest values (in no order):
+    quickselect with Hoare partitioning, which stays linear with many ties (counts)."""
+    lo, hi = 0, n - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        a, b, c = buf[lo], buf[mid], buf[hi]
+        pivot = max(min(a, b), min(max(a, b), c))  # median of three
+        i, j = lo, hi
+        while i <= j:
+            while buf[i] > pivot:
+                i += 1
+            while buf[j] < pivot:
+                j -= 1
+            if i <= j:
+                buf[i], buf[j] = buf[j], buf[i]
+                i += 1
+                j -= 1
+        # now buf[lo:j+1] >= pivot >= buf[i:hi+1]
+        if k - 1 <= j:
+            hi = j
+        elif k - 1 >= i:
+            lo = i
+        else:
+            return
+
+
+@numba.njit(cache=True)
+def _top_sums(values, ns, out, buf):
+    """out[m] = sum of the ns[m] largest of `values` (missing entries count as zero).
+
+    Nested selections, largest n first, each inside the previous one's winners:
+    linear in the row's length, no sort. `buf` is scratch of at least values.size.
+    """
+    n = values.size
+    for j in range(n):
+        buf[j] = values[j]
+    stop = n
+    for m in range(ns.size - 1, -1, -1):
+        k = ns[m]
+        if k < stop:
+            _select_largest(buf, stop, k)
+            stop = k
+        acc = 0.0
+        for j in range(stop):
+            acc += buf[j]
         out[m] = acc
 
 
 @numba.njit(cache=True)
 def _qc_row(values, cols, i, c, qc_masks, ns, row_total, row_nnz, row_qc, row_top,
-            col_total, col_nnz):
+            col_total, col_nnz, buf):
     """Statistics of cell i (its values and their gene indices); returns its flag bits."""
     total, nnz, bad = 0.0, 0, 0
     for j in range(values.size):
@@ -189,7 +221,7 @@ def _qc_row(values, cols, i, c, qc_masks, ns, row_total, row_nnz, row_qc, row_to
                 row_qc[i, q] += v
     row_total[i], row_nnz[i] = total, nnz
     if ns.size:
-        _top_sums(values, ns, row_top[i])
+        _top_sums(values, ns, row_top[i], buf)
     return bad
 
 
@@ -209,13 +241,14 @@ def _qc_host(data, indices, indptr, n_rows, n_cols, qc_masks, ns):
     flags = np.zeros(n_chunks, np.int64)
     for c in numba.prange(n_chunks):
         bad = 0
+        buf = np.empty(n_cols, np.float64)  # scratch for the top-n selection
         for i in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
             if dense:
                 values, cols = data[i * n_cols:(i + 1) * n_cols], indices
             else:
                 values, cols = data[indptr[i]:indptr[i + 1]], indices[indptr[i]:indptr[i + 1]]
             bad |= _qc_row(values, cols, i, c, qc_masks, ns, row_total, row_nnz, row_qc,
-                           row_top, col_total, col_nnz)
+                           row_top, col_total, col_nnz, buf)
         flags[c] = bad
     flag = 0
     for f in flags:

@@ -96,7 +96,7 @@ def _(x, qc_masks, ns):
 
     top_n = int(ns[-1]) if ns.size else 0
     cap = 1 << max(top_n - 1, 0).bit_length() if top_n else 0
-    shared = -(-cap * x.dtype.itemsize // 16) * 16 + 256 * 4 + 16
+    shared = -(-cap * x.dtype.itemsize // 16) * 16 + 1024 + 64  # top values, then TopState
     if shared > 48 * 1024:  # above the default: opt in (Hopper allows up to 227 KiB)
         kernel.max_dynamic_shared_size_bytes = shared
 

@@ -1,5 +1,7 @@
 """Tools with scanpy 1.12's functions, arguments, defaults and result keys."""
 
 from ..pp._pca import pca
+from ._leiden import leiden, louvain
+from ._umap import umap
 
-__all__ = ["pca"]
+__all__ = ["pca", "leiden", "louvain", "umap"]

@@ -1,0 +1,107 @@
+// UMAP layout optimisation: umap-learn's edge-sampling SGD, one epoch per launch pair.
+//
+// Determinism: every epoch reads the embedding as it was at the start of the epoch and
+// adds each move to a 64-bit fixed-point accumulator (2^-32 units) with integer atomics.
+// Integer addition is associative, so the sum does not depend on the order in which
+// threads arrive: the same input and seed give the identical embedding run to run.
+// umap_apply then adds the accumulated moves to the float32 embedding and clears them.
+#include "_common.cuh"
+
+#define UMAP_FIXED_SCALE 4294967296.0  // 2^32: one accumulator unit is 2^-32
+#define UMAP_CLIP 4.0
+
+// splitmix64's finaliser: a bijective 64-bit mix.
+__device__ __forceinline__ unsigned long long umap_mix64(unsigned long long z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// The negative sample is a hash of (seed, epoch, edge, sample): counter-based, no state.
+__device__ __forceinline__ long long umap_negative_vertex(unsigned long long seed, long long epoch,
+                                                          long long edge, long long sample,
+                                                          long long n_vertices) {
+    unsigned long long h = umap_mix64(seed);
+    h = umap_mix64(h ^ (unsigned long long)epoch);
+    h = umap_mix64(h ^ (unsigned long long)edge);
+    h = umap_mix64(h ^ (unsigned long long)sample);
+    return (long long)(h % (unsigned long long)n_vertices);
+}
+
+__device__ __forceinline__ double umap_clip(double v) {
+    return v > UMAP_CLIP ? UMAP_CLIP : (v < -UMAP_CLIP ? -UMAP_CLIP : v);
+}
+
+__device__ __forceinline__ void umap_accumulate(long long* acc, long long at, double move) {
+    const long long q = (long long)floor(move * UMAP_FIXED_SCALE + 0.5);
+    atomicAdd(reinterpret_cast<unsigned long long*>(acc + at), (unsigned long long)q);
+}
+
+__device__ __forceinline__ double umap_rdist(const float* x, const float* y, int dim) {
+    double d2 = 0.0;
+    for (int d = 0; d < dim; ++d) {
+        const double diff = (double)x[d] - (double)y[d];
+        d2 += diff * diff;
+    }
+    return d2;
+}
+
+// one thread per directed edge (head -> tail); an edge whose next sample is due this epoch
+// pulls head and tail together and pushes head away from its negative samples
+template <typename I>
+__global__ void umap_epoch(const float* __restrict__ embedding, long long* __restrict__ acc,
+                           const I* __restrict__ head, const I* __restrict__ tail,
+                           long long n_edges, int dim, long long n_vertices,
+                           const double* __restrict__ epochs_per_sample,
+                           const double* __restrict__ epochs_per_negative_sample,
+                           double* __restrict__ next_sample, double* __restrict__ next_negative,
+                           double a, double b, double gamma, double alpha, long long epoch,
+                           unsigned long long seed) {
+    const long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (e >= n_edges) return;
+    const double n = (double)epoch;
+    if (next_sample[e] > n) return;
+    const long long j = (long long)head[e];
+    const long long k = (long long)tail[e];
+    const float* current = embedding + j * dim;
+    const float* other = embedding + k * dim;
+
+    double d2 = umap_rdist(current, other, dim);
+    double coeff = 0.0;
+    if (d2 > 0.0) {
+        coeff = -2.0 * a * b * pow(d2, b - 1.0);
+        coeff /= a * pow(d2, b) + 1.0;
+    }
+    for (int d = 0; d < dim; ++d) {
+        const double g = umap_clip(coeff * ((double)current[d] - (double)other[d])) * alpha;
+        umap_accumulate(acc, j * dim + d, g);
+        umap_accumulate(acc, k * dim + d, -g);
+    }
+    next_sample[e] += epochs_per_sample[e];
+
+    const long long n_neg = (long long)((n - next_negative[e]) / epochs_per_negative_sample[e]);
+    for (long long p = 0; p < n_neg; ++p) {
+        const long long kk = umap_negative_vertex(seed, epoch, e, p, n_vertices);
+        if (kk == j) continue;
+        other = embedding + kk * dim;
+        d2 = umap_rdist(current, other, dim);
+        if (d2 <= 0.0) continue;  // a coincident point: umap-learn's move is 0 too
+        coeff = 2.0 * gamma * b / ((0.001 + d2) * (a * pow(d2, b) + 1.0));
+        for (int d = 0; d < dim; ++d) {
+            const double g = umap_clip(coeff * ((double)current[d] - (double)other[d])) * alpha;
+            umap_accumulate(acc, j * dim + d, g);
+        }
+    }
+    next_negative[e] += (double)n_neg * epochs_per_negative_sample[e];
+}
+
+// one thread per embedding coordinate: add the epoch's accumulated move, clear the accumulator
+__global__ void umap_apply(float* __restrict__ embedding, long long* __restrict__ acc,
+                           long long size) {
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= size) return;
+    const long long q = acc[i];
+    if (q != 0) embedding[i] = (float)((double)embedding[i] + (double)q * (1.0 / UMAP_FIXED_SCALE));
+    acc[i] = 0;
+}

@@ -1,0 +1,234 @@
+"""``kernels/umap.cu`` and its numba twin: umap-learn's layout optimiser, made reproducible.
+
+The algorithm is umap-learn's ``optimize_layout_euclidean`` (0.5): every directed edge
+(head, tail) of the graph is sampled every ``epochs_per_sample`` epochs; a sample pulls
+head and tail together (move_other) and pushes the head away from
+``negative_sample_rate`` random vertices per sample; every coordinate move is clipped to
+±4 and scaled by the learning rate ``alpha · (1 − epoch / n_epochs)``.
+
+Two differences, both for reproducibility:
+
+* Moves are synchronous per epoch: every sample of an epoch is computed from the
+  embedding as it was at the start of the epoch, summed per vertex, and added at the end
+  of the epoch (umap-learn applies each move at once, racing between threads). The sum is
+  taken in 64-bit fixed point (units of 2^-32) with integer atomics, so it is exact and
+  independent of the order of the threads: same graph, start and seed give the identical
+  embedding, run to run, on the GPU and on the CPU. The two backends evaluate ``pow`` with
+  different libraries, so they agree closely but not bit for bit.
+* Negative samples come from a counter-based hash of (seed, epoch, edge, sample), not
+  from a per-vertex Tausworthe state; the CPU twin draws the very same vertices.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .._core import cuda
+
+NAME_EXPRESSIONS = (
+    *(cuda.template_name("umap_epoch", i) for i in (np.int32, np.int64)),
+    "umap_apply",
+)
+FIXED_SCALE = 4294967296.0  # kernels/umap.cu's UMAP_FIXED_SCALE
+CLIP = 4.0
+BLOCK = 256
+
+_M1 = np.uint64(0x9E3779B97F4A7C15)
+_M2 = np.uint64(0xBF58476D1CE4E5B9)
+_M3 = np.uint64(0x94D049BB133111EB)
+
+
+def epochs_per_sample(weights: np.ndarray, n_epochs: int) -> np.ndarray:
+    """umap-learn's make_epochs_per_sample: n_epochs / (n_epochs · w / max w); −1 for w = 0."""
+    weights = np.asarray(weights, dtype=np.float64)
+    out = np.full(weights.shape[0], -1.0)
+    if weights.size == 0 or n_epochs <= 0:
+        return out
+    n_samples = n_epochs * (weights / weights.max())
+    pos = n_samples > 0
+    out[pos] = float(n_epochs) / n_samples[pos]
+    return out
+
+
+def seed_from(random_state: np.random.RandomState) -> int:
+    """A 64-bit hash seed drawn from a RandomState (umap-learn draws its rng_state there too)."""
+    hi, lo = random_state.randint(np.iinfo(np.int32).min, np.iinfo(np.int32).max, 2)
+    return ((int(hi) & 0xFFFFFFFF) << 32) | (int(lo) & 0xFFFFFFFF)
+
+
+def _prepare(embedding, head, tail, eps, negative_sample_rate):
+    emb = np.ascontiguousarray(embedding, dtype=np.float32).copy()
+    n_edges = int(np.asarray(head).size)
+    index = np.int64 if emb.shape[0] > np.iinfo(np.int32).max else np.int32
+    head = np.ascontiguousarray(head, dtype=index)
+    tail = np.ascontiguousarray(tail, dtype=index)
+    eps = np.ascontiguousarray(eps, dtype=np.float64)
+    if head.shape != (n_edges,) or tail.shape != (n_edges,) or eps.shape != (n_edges,):
+        raise ValueError("head, tail and epochs_per_sample must be 1-D arrays of one length")
+    keep = eps > 0  # edges of weight 0 are never sampled (umap-learn prunes them first)
+    if not keep.all():
+        head, tail, eps = head[keep], tail[keep], eps[keep]
+    # umap-learn: negative samples every epochs_per_sample / negative_sample_rate epochs;
+    # with a rate of 0 a huge finite period keeps the sample count at 0 (no inf/inf)
+    eps_neg = eps / float(negative_sample_rate) if negative_sample_rate > 0 else np.full_like(eps, 1e300)
+    return emb, head, tail, eps, eps_neg
+
+
+# ---------------------------------------------------------------- host (numba)
+
+def optimize_layout_host(embedding, head, tail, eps, n_epochs: int, a: float, b: float,
+                         gamma: float, alpha: float, negative_sample_rate: float,
+                         seed: int) -> np.ndarray:
+    """The layout after ``n_epochs`` epochs, as a new float32 (n, dim) array.
+
+    ``eps`` are the epochs per sample of each edge (:func:`epochs_per_sample`); edges
+    with eps ≤ 0 are never sampled. Runs on one core: the edges of an epoch in order,
+    each adding its moves to an int64 accumulator, then the embedding update.
+    """
+    emb, head, tail, eps, eps_neg = _prepare(embedding, head, tail, eps, negative_sample_rate)
+    _optimize_host(emb, head, tail, eps, eps_neg, int(n_epochs), float(a), float(b),
+                   float(gamma), float(alpha), np.uint64(seed))
+    return emb
+
+
+@numba.njit(cache=True, inline="always")
+def _mix64(z):
+    z = z + _M1
+    z = (z ^ (z >> np.uint64(30))) * _M2
+    z = (z ^ (z >> np.uint64(27))) * _M3
+    return z ^ (z >> np.uint64(31))
+
+
+@numba.njit(cache=True, inline="always")
+def _negative_vertex(seed, epoch, edge, sample, n_vertices):
+    h = _mix64(seed)
+    h = _mix64(h ^ np.uint64(epoch))
+    h = _mix64(h ^ np.uint64(edge))
+    h = _mix64(h ^ np.uint64(sample))
+    return np.int64(h % np.uint64(n_vertices))
+
+
+@numba.njit(cache=True, inline="always")
+def _clip(v):
+    return CLIP if v > CLIP else (-CLIP if v < -CLIP else v)
+
+
+@numba.njit(cache=True, inline="always")
+def _fixed(move):
+    return np.int64(np.floor(move * FIXED_SCALE + 0.5))
+
+
+@numba.njit(cache=True)
+def _optimize_host(emb, head, tail, eps, eps_neg, n_epochs, a, b, gamma, alpha0, seed):
+    n_vertices, dim = emb.shape
+    n_edges = head.shape[0]
+    acc = np.zeros((n_vertices, dim), np.int64)
+    next_sample = eps.copy()
+    next_negative = eps_neg.copy()
+    for epoch in range(n_epochs):
+        alpha = alpha0 * (1.0 - float(epoch) / float(n_epochs))
+        n = float(epoch)
+        for e in range(n_edges):
+            if next_sample[e] > n:
+                continue
+            j = np.int64(head[e])
+            k = np.int64(tail[e])
+            d2 = 0.0
+            for d in range(dim):
+                diff = np.float64(emb[j, d]) - np.float64(emb[k, d])
+                d2 += diff * diff
+            coeff = 0.0
+            if d2 > 0.0:
+                coeff = -2.0 * a * b * d2 ** (b - 1.0)
+                coeff /= a * d2 ** b + 1.0
+            for d in range(dim):
+                g = _clip(coeff * (np.float64(emb[j, d]) - np.float64(emb[k, d]))) * alpha
+                acc[j, d] += _fixed(g)
+                acc[k, d] += _fixed(-g)
+            next_sample[e] += eps[e]
+            n_neg = np.int64((n - next_negative[e]) / eps_neg[e])
+            for p in range(n_neg):
+                kk = _negative_vertex(seed, epoch, e, p, n_vertices)
+                if kk == j:
+                    continue
+                d2 = 0.0
+                for d in range(dim):
+                    diff = np.float64(emb[j, d]) - np.float64(emb[kk, d])
+                    d2 += diff * diff
+                if d2 <= 0.0:
+                    continue
+                coeff = 2.0 * gamma * b / ((0.001 + d2) * (a * d2 ** b + 1.0))
+                for d in range(dim):
+                    g = _clip(coeff * (np.float64(emb[j, d]) - np.float64(emb[kk, d]))) * alpha
+                    acc[j, d] += _fixed(g)
+            next_negative[e] += np.float64(n_neg) * eps_neg[e]
+        for i in range(n_vertices):
+            for d in range(dim):
+                q = acc[i, d]
+                if q != 0:
+                    emb[i, d] = np.float32(np.float64(emb[i, d]) + np.float64(q) * (1.0 / FIXED_SCALE))
+                    acc[i, d] = 0
+
+
+# ---------------------------------------------------------------- device (CuPy + kernels/umap.cu)
+
+def _kernel(name: str):
+    return cuda.get_kernel("umap", NAME_EXPRESSIONS, name)
+
+
+def optimize_layout_device(embedding, head, tail, eps, n_epochs: int, a: float, b: float,
+                           gamma: float, alpha: float, negative_sample_rate: float,
+                           seed: int) -> np.ndarray:
+    """:func:`optimize_layout_host` on the GPU; takes and returns host arrays.
+
+    Device memory: the embedding (n·dim·4 bytes), its int64 accumulator (n·dim·8) and per
+    edge head, tail and four float64 schedules (E·(2·4 + 32) bytes for int32 indices).
+    Two launches per epoch, no host synchronisation inside the loop.
+    """
+    import cupy as cp
+
+    emb_h, head_h, tail_h, eps_h, eps_neg_h = _prepare(embedding, head, tail, eps,
+                                                       negative_sample_rate)
+    n_vertices, dim = emb_h.shape
+    n_edges = head_h.size
+    emb = cp.asarray(emb_h)
+    acc = cp.zeros(emb.shape, np.int64)
+    head_d, tail_d = cp.asarray(head_h), cp.asarray(tail_h)
+    eps_d, eps_neg_d = cp.asarray(eps_h), cp.asarray(eps_neg_h)
+    next_sample, next_negative = eps_d.copy(), eps_neg_d.copy()
+    epoch_kernel = _kernel(cuda.template_name("umap_epoch", head_h.dtype))
+    apply_kernel = _kernel("umap_apply")
+    size = n_vertices * dim
+    for epoch in range(int(n_epochs)):
+        rate = float(alpha) * (1.0 - float(epoch) / float(n_epochs))
+        cuda.launch(epoch_kernel, -(-n_edges // BLOCK), BLOCK, (
+            emb, acc, head_d, tail_d, np.int64(n_edges), np.int32(dim), np.int64(n_vertices),
+            eps_d, eps_neg_d, next_sample, next_negative, np.float64(a), np.float64(b),
+            np.float64(gamma), np.float64(rate), np.int64(epoch), np.uint64(seed)))
+        cuda.launch(apply_kernel, -(-size // BLOCK), BLOCK, (emb, acc, np.int64(size)))
+    return emb.get()  # synchronize!
+
+
+def spectral_init_device(graph, dim: int):
+    """The ``dim`` leading non-trivial eigenvectors of D^-1/2 A D^-1/2 (cupyx eigsh), as
+    umap-learn's spectral_layout for a connected graph; ``None`` when the graph is not
+    connected (the caller then uses umap-learn's per-component layout on the host).
+    """
+    import cupy as cp
+    from cupyx.scipy import sparse as cpsparse
+    from cupyx.scipy.sparse import linalg as cplinalg
+    from scipy.sparse.csgraph import connected_components
+
+    n_comp, _ = connected_components(graph)
+    n = graph.shape[0]
+    if n_comp > 1 or dim + 1 >= n:
+        return None
+    a = cpsparse.csr_matrix(graph.tocsr().astype(np.float64))
+    deg = cp.asarray(a.sum(axis=1)).ravel()
+    inv_sqrt = 1.0 / cp.sqrt(deg)
+    d = cpsparse.diags(inv_sqrt)
+    m = d @ a @ d
+    vals, vecs = cplinalg.eigsh(m, k=dim + 1, which="LA", tol=1e-4, maxiter=n * 5)
+    order = cp.argsort(vals)[::-1][1:dim + 1]  # largest of M = smallest of the Laplacian
+    return vecs[:, order].get()  # synchronize!

@@ -133,3 +133,111 @@ __global__ void sum_chunks(const double* part_sum, const double* part_sum_sq,
     sum_sq[i] = s2;
     n_pos[i] = pos;
 }
+
+// ---------------------------------------------------------------- flavor="pearson_residuals"
+// Per (batch, gene) sums of the clipped analytic Pearson residuals and of their squares,
+// without the dense residual matrix. A cell with total t and a gene with batch total s give
+// mu = s * t / total; the residual of a count v is (v - mu) / sqrt(mu + mu^2 / theta),
+// clipped to [-clip, clip]. Sparse matrices: pearson_dense with x == nullptr adds the
+// residual of a zero for every (cell, gene) of the batch (dense, compute-bound work), then
+// pearson_csc adds f(v) - f(0) and f(v)^2 - f(0)^2 for each stored value. Genes with s == 0
+// in a batch are left at 0 (scanpy drops them from that batch).
+
+// NaN (a cell without counts: mu = 0/0) passes the clip unchanged, as in scanpy.
+__device__ __forceinline__ double pearson_residual(double v, double t, double s, double total,
+                                                   double theta, double clip) {
+    const double mu = s * t / total;
+    const double r = (v - mu) / sqrt(mu + mu * mu / theta);
+    return r < -clip ? -clip : (r > clip ? clip : r);
+}
+
+// One thread per (gene, row chunk), block = chunk * n_col_tiles + tile, as moments_dense:
+// the thread walks its chunk's rows (rows[chunk_start[k]:chunk_start[k+1]], all in batch
+// chunk_batch[k]; rows null: identity) down one column of the C-ordered counts x (null: every
+// value is 0) and writes the chunk's partial sums to row k of part_sum / part_sum_sq.
+// cell_sums is indexed by the matrix row; gene_sums is (n_batches, n_cols).
+template <typename T>
+__global__ void pearson_dense(const T* x, long long n_cols, const long long* rows,
+                              const long long* chunk_start, const int* chunk_batch,
+                              long long n_chunks, const double* cell_sums,
+                              const double* gene_sums, const double* batch_totals, double theta,
+                              double clip, double* part_sum, double* part_sum_sq) {
+    const long long n_col_tiles = (n_cols + blockDim.x - 1) / blockDim.x;
+    const long long chunk = (long long)blockIdx.x / n_col_tiles;
+    const long long col = ((long long)blockIdx.x % n_col_tiles) * blockDim.x + threadIdx.x;
+    if (chunk >= n_chunks || col >= n_cols) return;
+    const int b = chunk_batch[chunk];
+    const double s = gene_sums[(long long)b * n_cols + col];
+    const double total = batch_totals[b];
+    double acc = 0.0, acc2 = 0.0;
+    if (s != 0.0) {
+        for (long long k = chunk_start[chunk]; k < chunk_start[chunk + 1]; ++k) {
+            const long long row = rows != nullptr ? rows[k] : k;
+            const double v = x != nullptr ? (double)x[row * n_cols + col] : 0.0;
+            const double r = pearson_residual(v, cell_sums[row], s, total, theta, clip);
+            acc += r;
+            acc2 += r * r;
+        }
+    }
+    const long long out = chunk * n_cols + col;
+    part_sum[out] = acc;
+    part_sum_sq[out] = acc2;
+}
+
+// One warp per (gene, batch), warp = gene * n_batches + batch, as moments_csc: lanes stride
+// the batch's stretch of the gene's column (batches are contiguous row ranges with sorted
+// row indices when n_batches > 1) and add f(v) - f(0), f(v)^2 - f(0)^2 of each stored value;
+// warp_sum reduces (no atomics). cell_sums is indexed by the matrix row; the matrix has no
+// duplicate entries (the caller sums them). Outputs are (n_batches, n_cols).
+template <typename T, typename I>
+__global__ void pearson_csc(const T* data, const I* indices, const I* indptr, long long n_cols,
+                            int n_batches, const long long* batch_start, const double* cell_sums,
+                            const double* gene_sums, const double* batch_totals, double theta,
+                            double clip, double* sum, double* sum_sq) {
+    const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (warp >= n_cols * n_batches) return;  // whole warps leave together
+    const int lane = threadIdx.x & 31;
+    const long long col = warp / n_batches;
+    const int b = (int)(warp % n_batches);
+    const long long out = (long long)b * n_cols + col;
+    const double s = gene_sums[out];
+    const double total = batch_totals[b];
+    long long lo = (long long)indptr[col], hi = (long long)indptr[col + 1];
+    if (n_batches > 1) {
+        lo = lower_bound(indices, lo, hi, batch_start[b]);
+        hi = lower_bound(indices, lo, hi, batch_start[b + 1]);
+    }
+    double acc = 0.0, acc2 = 0.0;
+    if (s != 0.0) {
+        for (long long j = lo + lane; j < hi; j += 32) {
+            const double t = cell_sums[(long long)indices[j]];
+            const double r = pearson_residual((double)data[j], t, s, total, theta, clip);
+            const double r0 = pearson_residual(0.0, t, s, total, theta, clip);
+            acc += r - r0;
+            acc2 += r * r - r0 * r0;
+        }
+    }
+    acc = warp_sum(acc);
+    acc2 = warp_sum(acc2);
+    if (lane == 0) { sum[out] = acc; sum_sq[out] = acc2; }
+}
+
+// One thread per (batch, gene), thread = batch * n_cols + gene: adds the batch's chunk
+// partials batch_chunks[batch]..batch_chunks[batch+1] in chunk order, then the stored-value
+// corrections of pearson_csc when given (null for dense counts).
+__global__ void pearson_sum_chunks(const double* part_sum, const double* part_sum_sq,
+                                   const long long* batch_chunks, int n_batches,
+                                   long long n_cols, const double* extra_sum,
+                                   const double* extra_sum_sq, double* sum, double* sum_sq) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n_batches * n_cols) return;
+    const long long b = i / n_cols, col = i % n_cols;
+    double s = 0.0, s2 = 0.0;
+    for (long long k = batch_chunks[b]; k < batch_chunks[b + 1]; ++k) {
+        s += part_sum[k * n_cols + col];
+        s2 += part_sum_sq[k * n_cols + col];
+    }
+    if (extra_sum != nullptr) { s += extra_sum[i]; s2 += extra_sum_sq[i]; }
+    sum[i] = s;
+    sum_sq[i] = s2;
+}

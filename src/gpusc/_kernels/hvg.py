@@ -31,6 +31,9 @@ NAME_EXPRESSIONS = (
     *(cuda.template_name("moments_csc", v, i) for v in (np.float32, np.float64) for i in (np.int32, np.int64)),
     *(cuda.template_name("moments_dense", v) for v in (np.float32, np.float64)),
     "sum_chunks",
+    *(cuda.template_name("pearson_dense", v) for v in (np.float32, np.float64)),
+    *(cuda.template_name("pearson_csc", v, i) for v in (np.float32, np.float64) for i in (np.int32, np.int64)),
+    "pearson_sum_chunks",
 )
 # Row chunks of the host kernels: a fixed count (not the thread count) so that the order of
 # additions, and so the result, is the same on every machine.
@@ -306,3 +309,223 @@ def _(x, batch_codes=None, n_batches=1, *, mode=HVG_IDENTITY, scale=1.0, clip=No
     ))
     flag = int(flags.get()[0])  # synchronize!
     return Moments(*(o.get() for o in out), flags=flag)
+
+
+# ---------------------------------------------------------------- flavor="pearson_residuals"
+#
+# Per (batch, gene) sums of the clipped analytic Pearson residuals r and of r², over the
+# batch's cells, without the dense residual matrix: mu = gene_sum[b, g] * cell_sum[c] /
+# total[b], r = clip((x - mu) / sqrt(mu + mu² / theta), ±clip). A sparse matrix's implicit
+# zeros are summed as "the residual of a zero for every cell" (dense work over cells × genes,
+# compute-bound, no matrix read) plus, per stored value, f(v) - f(0). Genes without counts in
+# a batch stay 0 there (scanpy leaves them out of that batch).
+
+
+def _canonical(x):
+    """Sparse matrices with duplicates summed (a copy only when needed)."""
+    if not x.has_canonical_format:
+        x = x.copy()
+        x.sum_duplicates()
+    return x
+
+
+@singledispatch
+def pearson_residual_sums(x, batch_codes: np.ndarray | None, n_batches: int,
+                          gene_sums: np.ndarray, *, theta: float,
+                          clip: float) -> tuple[np.ndarray, np.ndarray]:
+    """Sums of clipped Pearson residuals and of their squares per batch and gene.
+
+    ``gene_sums`` is the (n_batches, n_vars) float64 per-batch gene totals on the host
+    (``gene_moments(...).sum``). Returns two (n_batches, n_vars) float64 host arrays. A cell
+    without counts makes its batch's sums NaN, as scanpy's residuals are NaN there.
+    """
+    raise TypeError(f"pearson_residual_sums: unsupported array type {type(x)}")
+
+
+def _pearson_setup(gene_sums, n_batches, n_vars):
+    gene_sums = np.ascontiguousarray(gene_sums, dtype=np.float64).reshape(n_batches, n_vars)
+    return gene_sums, gene_sums.sum(axis=1)
+
+
+@pearson_residual_sums.register(types.csr_matrix | types.csr_array | np.ndarray)
+def _(x, batch_codes, n_batches, gene_sums, *, theta, clip):
+    n_obs, n_vars = x.shape
+    codes = _codes(batch_codes, n_obs)
+    gene_sums, totals = _pearson_setup(gene_sums, n_batches, n_vars)
+    rows, chunk_start, chunk_batch, batch_chunks = chunk_layout(codes, n_batches, N_CHUNKS)
+    if isinstance(x, np.ndarray):
+        cell_sums = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()
+        data = np.ascontiguousarray(x).reshape(-1)
+        # int32 placeholders: dense shares the numba specialisation of int32-indexed CSR
+        indices, indptr = np.empty(0, np.int32), np.empty(0, np.int32)
+    else:
+        x = _canonical(x)
+        cell_sums = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()
+        data, indices, indptr = x.data, x.indices, x.indptr
+    part_sum, part_sum_sq = _pearson_rows_host(data, indices, indptr, n_vars, rows, chunk_start,
+                                               chunk_batch, cell_sums, gene_sums, totals,
+                                               float(theta), float(clip))
+    out_sum, out_sum_sq = np.zeros((n_batches, n_vars)), np.zeros((n_batches, n_vars))
+    for b in range(n_batches):
+        lo, hi = batch_chunks[b], batch_chunks[b + 1]
+        out_sum[b] = part_sum[lo:hi].sum(axis=0)
+        out_sum_sq[b] = part_sum_sq[lo:hi].sum(axis=0)
+    return out_sum, out_sum_sq
+
+
+@pearson_residual_sums.register(types.csc_matrix | types.csc_array)
+def _(x, batch_codes, n_batches, gene_sums, *, theta, clip):
+    n_obs, n_vars = x.shape
+    codes = _codes(batch_codes, n_obs)
+    gene_sums, totals = _pearson_setup(gene_sums, n_batches, n_vars)
+    x = _canonical(x)
+    cell_sums = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()
+    rows = np.argsort(codes, kind="stable")
+    batch_start = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=n_batches))])
+    return _pearson_csc_host(x.data, x.indices, x.indptr, n_vars, codes, n_batches,
+                             cell_sums[rows], batch_start.astype(np.int64), cell_sums, gene_sums,
+                             totals, float(theta), float(clip))
+
+
+@numba.njit(inline="always")
+def _residual(v, t, s, total, theta, clip):
+    # kernels/hvg.cu's pearson_residual: NaN (a cell without counts) passes the clip
+    mu = s * t / total
+    r = (v - mu) / np.sqrt(mu + mu * mu / theta)
+    if r < -clip:
+        return -clip
+    if r > clip:
+        return clip
+    return r
+
+
+@numba.njit(parallel=True, cache=True)
+def _pearson_rows_host(data, indices, indptr, n_cols, rows, chunk_start, chunk_batch, cell_sums,
+                       gene_sums, totals, theta, clip):
+    # Chunks of rows (each in one batch) run in parallel with their own partial sums. Dense
+    # (C-ordered, indptr empty): every value's residual. CSR (canonical): the residual of a
+    # zero for every gene, then f(v) - f(0) for the row's stored values.
+    dense = indptr.size == 0
+    n_chunks = chunk_batch.size
+    part_sum = np.zeros((n_chunks, n_cols))
+    part_sum_sq = np.zeros((n_chunks, n_cols))
+    for k in numba.prange(n_chunks):
+        b = chunk_batch[k]
+        total = totals[b]
+        for i in range(chunk_start[k], chunk_start[k + 1]):
+            r = rows[i]
+            t = cell_sums[r]
+            base = r * n_cols
+            for g in range(n_cols):
+                s = gene_sums[b, g]
+                if s != 0.0:
+                    v = np.float64(data[base + g]) if dense else 0.0
+                    f = _residual(v, t, s, total, theta, clip)
+                    part_sum[k, g] += f
+                    part_sum_sq[k, g] += f * f
+            if not dense:
+                for j in range(indptr[r], indptr[r + 1]):
+                    g = indices[j]
+                    s = gene_sums[b, g]
+                    if s != 0.0:
+                        f = _residual(np.float64(data[j]), t, s, total, theta, clip)
+                        f0 = _residual(0.0, t, s, total, theta, clip)
+                        part_sum[k, g] += f - f0
+                        part_sum_sq[k, g] += f * f - f0 * f0
+    return part_sum, part_sum_sq
+
+
+@numba.njit(parallel=True, cache=True)
+def _pearson_csc_host(data, indices, indptr, n_cols, codes, n_batches, batch_cell_sums,
+                      batch_start, cell_sums, gene_sums, totals, theta, clip):
+    # Genes run in parallel: per batch the residual of a zero over the batch's cells (cell
+    # totals grouped by batch in batch_cell_sums), then f(v) - f(0) for the stored values.
+    out_sum = np.zeros((n_batches, n_cols))
+    out_sum_sq = np.zeros((n_batches, n_cols))
+    for g in numba.prange(n_cols):
+        for b in range(n_batches):
+            s = gene_sums[b, g]
+            if s != 0.0:
+                acc = 0.0
+                acc2 = 0.0
+                for i in range(batch_start[b], batch_start[b + 1]):
+                    f0 = _residual(0.0, batch_cell_sums[i], s, totals[b], theta, clip)
+                    acc += f0
+                    acc2 += f0 * f0
+                out_sum[b, g] = acc
+                out_sum_sq[b, g] = acc2
+        for j in range(indptr[g], indptr[g + 1]):
+            row = indices[j]
+            b = codes[row]
+            s = gene_sums[b, g]
+            if s != 0.0:
+                t = cell_sums[row]
+                f = _residual(np.float64(data[j]), t, s, totals[b], theta, clip)
+                f0 = _residual(0.0, t, s, totals[b], theta, clip)
+                out_sum[b, g] += f - f0
+                out_sum_sq[b, g] += f * f - f0 * f0
+    return out_sum, out_sum_sq
+
+
+@pearson_residual_sums.register(types.CupyArray | types.CupyCSMatrix)
+def _(x, batch_codes, n_batches, gene_sums, *, theta, clip):
+    import cupy as cp
+
+    n_obs, n_vars = x.shape
+    codes = _codes(batch_codes, n_obs)
+    gene_sums, totals = _pearson_setup(gene_sums, n_batches, n_vars)
+    gene_sums_dev, totals_dev = cp.asarray(gene_sums), cp.asarray(totals)
+    sparse = not isinstance(x, types.CupyArray)
+    if sparse:
+        x = _canonical(x)
+    else:
+        x = cp.ascontiguousarray(x if x.dtype.kind == "f" else x.astype(np.float64))
+    cell_sums = cp.ascontiguousarray(x.sum(axis=1, dtype=np.float64).ravel())
+    theta, clip = np.float64(theta), np.float64(clip)
+
+    # Dense pass over chunks of rows: every value (dense counts) or the residual of a zero
+    # (sparse counts; no matrix read). Partials: n_chunks x n_vars, twice, in float64.
+    rows, chunk_start, chunk_batch, batch_chunks = chunk_layout(codes, n_batches, N_CHUNKS_DEVICE)
+    n_chunks = chunk_batch.size
+    part_sum = cp.empty((n_chunks, n_vars), np.float64)
+    part_sum_sq = cp.empty((n_chunks, n_vars), np.float64)
+    dense = cuda.get_kernel("hvg", NAME_EXPRESSIONS, cuda.template_name(
+        "pearson_dense", np.float64 if sparse else x.dtype))
+    cuda.launch(dense, n_chunks * -(-n_vars // BLOCK), BLOCK, (
+        np.uintp(0) if sparse else x, np.int64(n_vars),
+        cp.asarray(rows) if n_batches > 1 else np.uintp(0), cp.asarray(chunk_start),
+        cp.asarray(chunk_batch), np.int64(n_chunks), cell_sums, gene_sums_dev, totals_dev,
+        theta, clip, part_sum, part_sum_sq,
+    ))
+
+    extra = (np.uintp(0), np.uintp(0))
+    if sparse:
+        # Stored values per (gene, batch) from a CSC copy whose batches are contiguous row
+        # ranges (as gene_moments: a row-permuted CSR copy first when n_batches > 1).
+        csc_rows, batch_start = _device_codes(codes, n_batches)
+        if n_batches > 1:
+            csr = x if isinstance(x, types.CupyCSRMatrix) else x.tocsr()
+            perm = cp.asarray(csc_rows)
+            csc = csr[perm].tocsc()
+            if not csc.has_sorted_indices:
+                csc.sort_indices()
+            csc_cell_sums = cp.ascontiguousarray(cell_sums[perm])
+        else:
+            csc = x if isinstance(x, types.CupyCSCMatrix) else x.tocsc()
+            csc_cell_sums = cell_sums
+        extra = (cp.empty((n_batches, n_vars), np.float64), cp.empty((n_batches, n_vars), np.float64))
+        kernel = cuda.get_kernel("hvg", NAME_EXPRESSIONS, cuda.template_name(
+            "pearson_csc", csc.dtype, csc.indices.dtype))
+        cuda.launch(kernel, -(-n_vars * n_batches * 32 // BLOCK), BLOCK, (
+            csc.data, csc.indices, csc.indptr, np.int64(n_vars), np.int32(n_batches),
+            cp.asarray(batch_start), csc_cell_sums, gene_sums_dev, totals_dev, theta, clip,
+            *extra,
+        ))
+    out_sum = cp.empty((n_batches, n_vars), np.float64)
+    out_sum_sq = cp.empty((n_batches, n_vars), np.float64)
+    reduce = cuda.get_kernel("hvg", NAME_EXPRESSIONS, "pearson_sum_chunks")
+    cuda.launch(reduce, -(-n_batches * n_vars // BLOCK), BLOCK, (
+        part_sum, part_sum_sq, cp.asarray(batch_chunks), np.int32(n_batches), np.int64(n_vars),
+        *extra, out_sum, out_sum_sq,
+    ))
+    return out_sum.get(), out_sum_sq.get()  # synchronize!

@@ -10,8 +10,10 @@ from ._simple import filter_cells, filter_genes, log1p
 __all__ = ["calculate_qc_metrics", "filter_cells", "filter_genes", "highly_variable_genes", "log1p", "normalize_total", "pca"]
 
 from ._filter_hv import filter_highly_variable
+from ._hvg_pearson import highly_variable_genes_pearson_residuals
 from ._pearson import normalize_pearson_residuals
 from ._regress_out import regress_out
 from ._scale import scale
 
 __all__ += ["filter_highly_variable", "normalize_pearson_residuals", "regress_out", "scale"]
+__all__ += ["highly_variable_genes_pearson_residuals"]

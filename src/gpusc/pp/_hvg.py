@@ -18,6 +18,7 @@ from anndata import AnnData
 from .._core.adata import actualize_view, check_not_empty, get_matrix, nonfinite_error
 from .._core.arrays import placement
 from .._kernels.hvg import HVG_CLIP, HVG_EXPM1, HVG_IDENTITY, Moments, gene_moments
+from ._hvg_pearson import highly_variable_genes_pearson_residuals
 
 FLAVORS = ("seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper")
 _CUTOFF_DEFAULTS = {"min_disp": 0.5, "max_disp": np.inf, "min_mean": 0.0125, "max_mean": 3}
@@ -35,7 +36,8 @@ def highly_variable_genes(
     max_mean: float = 3,
     span: float = 0.3,
     n_bins: int = 20,
-    flavor: Literal["seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper"] = "seurat",
+    flavor: Literal["seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper",
+                    "pearson_residuals"] = "seurat",
     subset: bool = False,
     inplace: bool = True,
     batch_key: str | None = None,
@@ -52,6 +54,19 @@ def highly_variable_genes(
     read through one CSC copy (2x the matrix; with ``batch_key``, a row-permuted CSR copy
     as well, about 3x); dense input needs ``(n_obs / ~128 chunks) x n_vars`` partials only.
     Ties in the selection are resolved by gene order (stable sorts), as pandas does.
+
+    ``flavor="pearson_residuals"`` is :func:`scanpy.experimental.pp.highly_variable_genes`
+    with its defaults ``theta=100, clip=None`` (scanpy 1.12's ``sc.pp.highly_variable_genes``
+    does not accept this flavor; :func:`gpusc.pp.highly_variable_genes_pearson_residuals`
+    takes ``theta``, ``clip`` and ``chunksize`` as well): genes ranked by the
+    variance of their clipped analytic Pearson residuals (:cite:t:`Lause2021`), per batch
+    with ``batch_key``, then by the number of batches in which they are among the top
+    ``n_top_genes`` and their median rank there. The residual matrix is never built: one
+    kernel pass gives each (batch, gene)'s residual sum and sum of squares in float64, the
+    implicit zeros of sparse counts included analytically (``n_obs x n_vars`` arithmetic,
+    no densified copy). Device peak: dense input needs ``128 x n_vars`` float64 partials;
+    sparse input a CSC copy (with ``batch_key``, a row-permuted CSR copy as well, about 3x
+    the matrix) plus those partials.
 
     Parameters
     ----------
@@ -70,7 +85,8 @@ def highly_variable_genes(
     n_bins
         Number of mean bins (seurat).
     flavor
-        ``"seurat"``, ``"cell_ranger"``, ``"seurat_v3"`` or ``"seurat_v3_paper"``.
+        ``"seurat"``, ``"cell_ranger"``, ``"seurat_v3"``, ``"seurat_v3_paper"`` or
+        ``"pearson_residuals"``.
     subset
         Keep only the highly variable genes (in place, or in the returned frame).
     inplace
@@ -81,7 +97,8 @@ def highly_variable_genes(
         Leave genes expressed in no cell out of the dispersion statistics (always on with
         ``batch_key``).
     check_values
-        seurat_v3: warn (UserWarning, as scanpy) when the values are not integers.
+        seurat_v3, pearson_residuals: warn (UserWarning, as scanpy) when the values are not
+        integers (pearson_residuals: or negative).
 
     Returns
     -------
@@ -96,6 +113,13 @@ def highly_variable_genes(
         ``highly_variable`` (bool), ``highly_variable_rank`` (float32), ``means`` (float64),
         ``variances`` (float64), ``variances_norm`` (float64); with ``batch_key`` also
         ``highly_variable_nbatches`` (int64).
+    pearson_residuals
+        ``means`` (float64), ``variances`` (float64), ``residual_variances`` (float64, mean
+        over batches), ``highly_variable_rank`` (float32, median over the batches where the
+        gene is in the top ``n_top_genes``, NaN elsewhere), ``highly_variable`` (bool); with
+        ``batch_key`` also ``highly_variable_nbatches`` (int64) and
+        ``highly_variable_intersection`` (bool). ``adata.uns['hvg']`` is
+        ``{'flavor': 'pearson_residuals', 'computed_on': layer or 'adata.X'}``.
 
     Raises
     ------
@@ -103,11 +127,18 @@ def highly_variable_genes(
         A missing layer or ``batch_key``.
     ValueError
         Not an AnnData, an unknown flavor, NaN/inf in the matrix, negative values for
-        seurat_v3 (scanpy only warns), missing values in the batch column, an empty matrix.
+        seurat_v3 (scanpy only warns), missing values in the batch column, an empty matrix;
+        pearson_residuals without ``n_top_genes``, ``theta <= 0`` or ``clip < 0``.
     """
     func = "highly_variable_genes"
     if not isinstance(adata, AnnData):
         raise ValueError(f"{func} expects an AnnData argument; pass inplace=False to get a DataFrame")
+    if flavor == "pearson_residuals":
+        # scanpy's experimental defaults (theta=100, clip=None); the full signature is
+        # highly_variable_genes_pearson_residuals
+        return highly_variable_genes_pearson_residuals(
+            adata, n_top_genes=n_top_genes, batch_key=batch_key, check_values=check_values,
+            layer=layer, subset=subset, inplace=inplace)
     if flavor not in FLAVORS:
         raise ValueError(f"{func}: flavor={flavor!r} is not one of {FLAVORS}")
     x = get_matrix(adata, layer=layer, func=func)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = ["datasets", "get", "memory", "pp", "settings", "tl"]
+__all__ = ["datasets", "experimental", "get", "memory", "pp", "settings", "tl"]
 
 
 def __getattr__(name: str):

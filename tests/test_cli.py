@@ -14,31 +14,82 @@ from scipy import sparse
 from gpusc.__main__ import STEPS, main
 
 
+def _main_capturing(argv):
+    """main(argv) with its stdout captured (module-scoped fixtures cannot use capsys)."""
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = main(argv)
+    return code, buffer.getvalue()
+
+
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    code = main(["run", "--n-obs", "2000", "--out", str(out), "--device", "cpu"])
-    return code, out
+    code, printed = _main_capturing(["run", "--n-obs", "1500", "--out", str(out), "--device", "cpu"])
+    return code, out, printed
 
 
-def test_run_synthetic_writes_report_and_result(synthetic_run, capsys):
-    code, out = synthetic_run
+REPORT_KEYS = {"command", "input", "device", "device_requested", "options", "steps", "skipped", "calls",
+               "total_seconds", "timing_note", "host_peak_rss_gib", "device_peak_gib", "final_shape", "ari", "plot", "plot_note",
+               "machine", "versions", "platform", "result", "time"}
+STEP_KEYS = {"step", "status", "seconds", "n_obs", "n_vars", "host_peak_rss_gib", "device_peak_gib"}
+
+
+def test_run_synthetic_writes_report_and_result(synthetic_run):
+    code, out, printed = synthetic_run
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["device"] == "cpu"
+    assert REPORT_KEYS <= set(report)
+    assert report["device"] == "cpu" and report["device_peak_gib"] is None
+    assert report["options"]["n_top_genes"] == 2000 and report["options"]["resolution"] == 1.0
     assert [s["step"] for s in report["steps"]] == [s.name for s in STEPS]
-    assert all(s["seconds"] >= 0 for s in report["steps"])
-    assert report["steps"][0]["n_obs"] == 2000 and report["steps"][0]["n_vars"] == 5000
+    for row in report["steps"]:
+        assert set(row) == STEP_KEYS
+        if row["status"] == "ran":
+            assert row["seconds"] >= 0 and row["device_peak_gib"] is None
+            assert row["host_peak_rss_gib"] > 0  # psutil is in the bench extra
+        else:
+            assert row["status"] == "skipped (not in gpusc yet)" and row["seconds"] is None
+            assert row["step"] in report["skipped"]
+    ran = {s["step"] for s in report["steps"] if s["status"] == "ran"}
+    assert {"calculate_qc_metrics", "log1p", "highly_variable_genes", "scale", "pca", "neighbors"} <= ran
+    assert report["steps"][0]["n_obs"] == 1500 and report["steps"][0]["n_vars"] == 5000
     for key in ("python", "numpy", "scanpy", "anndata", "gpusc"):
         assert key in report["versions"]
+    assert {"cpu_model", "logical_cores"} <= set(report["machine"])
+    # the table: one line per step, skipped steps said so
+    for name in (s.name for s in STEPS):
+        assert name in printed
+    assert "seconds" in printed and "cells x genes" in printed and "total" in printed
+
     result = ad.read_h5ad(out / "result.h5ad")
-    assert list(result.shape) == report["final_shape"] == [report["steps"][-1]["n_obs"], report["steps"][-1]["n_vars"]]
-    assert sparse.issparse(result.X)
-    assert "log1p" in result.uns
-    for key in ("total_counts", "n_genes_by_counts", "pct_counts_mt", "n_genes"):
+    last = [s for s in report["steps"] if s["status"] == "ran"][-1]
+    assert list(result.shape) == report["final_shape"] == [last["n_obs"], last["n_vars"]]
+    assert result.n_vars == 2000  # subset to the highly variable genes
+    assert isinstance(result.X, np.ndarray)  # scale densifies, as scanpy
+    assert float(result.X.max()) <= 10
+    assert "log1p" in result.uns and "hvg" in result.uns
+    for key in ("total_counts", "n_genes_by_counts", "pct_counts_mt", "n_genes", "cell_type"):
         assert key in result.obs
-    assert "n_cells" in result.var
+    assert "n_cells" in result.var and result.var["highly_variable"].all()
     assert result.obs["n_genes"].min() >= 100  # filter_cells(min_genes=100)
+    assert result.obsm["X_pca"].shape == (result.n_obs, 50)
+    assert result.obsp["connectivities"].shape == (result.n_obs, result.n_obs)
+
+    if {"umap", "leiden"} <= ran:
+        assert (out / "umap.png").read_bytes()[:4] == b"\x89PNG"
+        assert report["plot"].endswith("umap.png") and report["plot_note"] is None
+        assert report["ari"]["labels"] == "cell_type" and -1 <= report["ari"]["ari"] <= 1
+        assert "X_umap" in result.obsm and "leiden" in result.obs
+    else:
+        assert not (out / "umap.png").exists() and report["plot"] is None
+        assert "not in gpusc yet" in report["plot_note"]
+        assert "no UMAP plot" in printed
+    if "leiden" not in ran:
+        assert report["ari"] is None
 
 
 def test_run_matches_scanpy(synthetic_run):
@@ -46,16 +97,20 @@ def test_run_matches_scanpy(synthetic_run):
 
     from gpusc.datasets import synthetic
 
-    _, out = synthetic_run
-    expected = synthetic(n_obs=2000, n_vars=5000, seed=0)
+    _, out, _ = synthetic_run
+    expected = synthetic(n_obs=1500, n_vars=5000, seed=0)
     sc.pp.calculate_qc_metrics(expected, qc_vars=["mt"], inplace=True)
     sc.pp.filter_cells(expected, min_genes=100)
     sc.pp.filter_genes(expected, min_cells=3)
     sc.pp.normalize_total(expected)
     sc.pp.log1p(expected)
+    sc.pp.highly_variable_genes(expected, n_top_genes=2000)
+    expected = expected[:, expected.var["highly_variable"]].copy()
+    sc.pp.scale(expected, max_value=10)
     result = ad.read_h5ad(out / "result.h5ad")
     assert result.shape == expected.shape
-    np.testing.assert_allclose(result.X.toarray(), expected.X.toarray(), rtol=1e-5, atol=1e-6)
+    assert list(result.var_names) == list(expected.var_names)
+    np.testing.assert_allclose(result.X, expected.X, rtol=1e-5, atol=1e-5)
 
 
 def test_run_input_file_resampled(tmp_path):
@@ -66,10 +121,13 @@ def test_run_input_file_resampled(tmp_path):
     source.write_h5ad(path)
     out = tmp_path / "out"
     assert main(["run", str(path), "--n-obs", "800", "--groupby", "cell_type", "--out", str(out),
-                 "--device", "cpu", "--min-genes", "10"]) == 0
+                 "--device", "cpu", "--min-genes", "10", "--n-top-genes", "300"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert "model-drawn" in report["input"]
     assert report["steps"][0]["n_obs"] == 800
+    assert report["final_shape"][1] == 300
+    if report["ari"] is not None:  # leiden ran: scored against --groupby
+        assert report["ari"]["labels"] == "cell_type"
 
 
 def test_missing_input_exits_2(tmp_path, capsys):
@@ -87,6 +145,53 @@ def test_non_counts_input_is_refused(tmp_path, capsys):
     adata.X = sparse.csr_matrix(np.array([[-1.0, 1.0], [2.0, 0.0]], dtype=np.float32))
     adata.write_h5ad(path)
     assert main(["run", str(path), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_counts_in_a_layer_are_named_in_the_error(tmp_path, capsys):
+    adata = ad.AnnData(sparse.csr_matrix(np.array([[0.5, 1.0], [2.0, 0.0]], dtype=np.float32)))
+    adata.layers["counts"] = sparse.csr_matrix(np.array([[1.0, 2.0], [3.0, 0.0]], dtype=np.float32))
+    path = tmp_path / "layer.h5ad"
+    adata.write_h5ad(path)
+    assert main(["run", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert "layers['counts']" in capsys.readouterr().err
+
+
+def test_not_h5ad_and_unreadable_exit_2(tmp_path, capsys):
+    text = tmp_path / "counts.csv"
+    text.write_text("a,b\n1,2\n")
+    assert main(["run", str(text), "--out", str(tmp_path / "o")]) == 2
+    assert ".h5ad" in capsys.readouterr().err
+    broken = tmp_path / "broken.h5ad"
+    broken.write_text("not hdf5")
+    assert main(["run", str(broken), "--out", str(tmp_path / "o")]) == 2
+    assert "could not read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--no-such-option"], "unrecognized arguments"),
+    (["run", "--device", "tpu"], "invalid choice"),
+    (["run", "--n-top-genes", "0"], "positive int"),
+    (["run", "--resolution", "-1"], "positive float"),
+    (["run", "--n-obs", "many"], "positive int"),
+    (["frobnicate"], "invalid choice"),
+    ([], "required"),
+    (["run", "--groupby", "cell_type"], "needs an INPUT"),
+    (["bench", "--steps", "qc,nonsense"], "unknown step"),
+    (["bench", "--cells", "ten"], "comma list of integers"),
+    (["bench", "--data", "/no/such/file.h5ad"], "not found"),
+    (["bench", "--compare", "seurat"], "invalid choice"),
+])
+def test_bad_arguments_exit_2(argv, message, tmp_path, capsys):
+    if argv and argv[0] in ("run", "bench") and "--out" not in argv:
+        argv = [*argv, "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_exits_0(capsys):
+    assert main(["run", "--help"]) == 0
+    assert "--n-top-genes" in capsys.readouterr().out
 
 
 def test_gpu_without_device_exits_2(tmp_path, capsys):

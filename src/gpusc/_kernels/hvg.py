@@ -136,6 +136,11 @@ def _(x, batch_codes=None, n_batches=1, *, mode=HVG_IDENTITY, scale=1.0, clip=No
         indices, indptr = np.arange(n_vars, dtype=np.int64), np.empty(0, np.int64)
     else:
         data, indices, indptr = x.data, x.indices, x.indptr
+    if mode == HVG_EXPM1:
+        # numpy's vectorised expm1 into a new value array (as scanpy does), then plain sums:
+        # 4x faster than expm1 inside the numba loop. Same rounding as _transform.
+        data = np.expm1(data if scale == 1.0 else (data.astype(np.float64) * scale).astype(data.dtype))
+        mode = HVG_IDENTITY
     parts = _moments_rows_host(data, indices, indptr, n_vars, rows, chunk_start, chunk_batch,
                                mode, float(scale), _clip(clip, n_batches, n_vars),
                                data.dtype == np.float32)

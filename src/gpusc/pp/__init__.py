@@ -1,19 +1,29 @@
 """Preprocessing with scanpy 1.12's functions, arguments, defaults and result keys."""
 
+from ._filter_hv import filter_highly_variable
 from ._hvg import highly_variable_genes
+from ._hvg_pearson import highly_variable_genes_pearson_residuals
 from ._neighbors import neighbors
 from ._normalize import normalize_total
 from ._pca import pca
-from ._qc import calculate_qc_metrics
-from ._simple import filter_cells, filter_genes, log1p
-
-__all__ = ["calculate_qc_metrics", "filter_cells", "filter_genes", "highly_variable_genes", "log1p", "normalize_total", "pca"]
-
-from ._filter_hv import filter_highly_variable
-from ._hvg_pearson import highly_variable_genes_pearson_residuals
 from ._pearson import normalize_pearson_residuals
+from ._qc import calculate_qc_metrics
 from ._regress_out import regress_out
 from ._scale import scale
+from ._simple import filter_cells, filter_genes, log1p
 
-__all__ += ["filter_highly_variable", "normalize_pearson_residuals", "regress_out", "scale"]
-__all__ += ["highly_variable_genes_pearson_residuals"]
+__all__ = [
+    "calculate_qc_metrics",
+    "filter_cells",
+    "filter_genes",
+    "filter_highly_variable",
+    "highly_variable_genes",
+    "highly_variable_genes_pearson_residuals",
+    "log1p",
+    "neighbors",
+    "normalize_pearson_residuals",
+    "normalize_total",
+    "pca",
+    "regress_out",
+    "scale",
+]

@@ -35,25 +35,40 @@ def _row_chunks(x):
         yield start, stop, xp.asarray(rows, dtype=np.float64)
 
 
-def _rhs_and_range(x, design: Callable):
-    """Rᵀ X (float64, k × n_vars) and each gene's min and max, in one pass over x."""
-    xp = xp_of(x)
-    rhs = lo = hi = None
+def _rhs(x, design: Callable):
+    """Rᵀ X in float64 (k × n_vars): one sparse product for sparse x (no densifying; scipy
+    and cuSPARSE accumulate in float64), float64 row chunks through BLAS for dense x."""
+    if is_sparse(x):
+        r = design(0, x.shape[0])
+        if placement(x) == "device":  # cuSPARSE wants one dtype on both sides
+            x = x.astype(np.float64)
+        return (x.T @ r).T
+    rhs = None
     for start, stop, rows in _row_chunks(x):
         part = design(start, stop).T @ rows
         rhs = part if rhs is None else rhs + part
-        cmin, cmax = rows.min(axis=0), rows.max(axis=0)
-        lo = cmin if lo is None else xp.minimum(lo, cmin)
-        hi = cmax if hi is None else xp.maximum(hi, cmax)
-    return rhs, lo, hi
+    return rhs
+
+
+def _gene_range(x):
+    """Each gene's min and max over all cells (implicit zeros count)."""
+    lo, hi = x.min(axis=0), x.max(axis=0)
+    if is_sparse(x):
+        lo, hi = lo.toarray().ravel(), hi.toarray().ravel()
+    return lo, hi
 
 
 def _residuals(x, fitted: Callable, dtype):
     """A new dense C-ordered X - fitted, computed in float64 and stored as `dtype`."""
     xp = xp_of(x)
     out = xp.empty(x.shape, dtype)
-    for start, stop, rows in _row_chunks(x):
-        out[start:stop] = rows - fitted(start, stop)
+    step = max(1, CHUNK_ELEMENTS // max(x.shape[1], 1))
+    for start in range(0, x.shape[0], step):
+        stop = min(start + step, x.shape[0])
+        rows = x[start:stop]
+        rows = rows.toarray() if is_sparse(rows) else rows
+        # float64 arithmetic (the fit is float64), cast once into the output: no temporaries
+        xp.subtract(rows, fitted(start, stop), out=out[start:stop], casting="unsafe")
     return out
 
 
@@ -96,7 +111,7 @@ def _float_x(x):
 def _fit_numeric(x, design: np.ndarray):
     xp = xp_of(x)
     r = xp.asarray(design)
-    rhs, lo, hi = _rhs_and_range(x, lambda s, e: r[s:e])
+    rhs = _rhs(x, lambda s, e: r[s:e])
     _check_finite(rhs)
     gram = design.T @ design
     if np.linalg.det(gram) != 0:  # scanpy's test for its numpy path
@@ -104,6 +119,7 @@ def _fit_numeric(x, design: np.ndarray):
         return _residuals(x, lambda s, e: r[s:e] @ coef, x.dtype)
     # scanpy's GLM path: least squares (minimum norm), constant genes left as they are, float64
     coef = xp.asarray(np.linalg.pinv(gram)) @ rhs
+    lo, hi = _gene_range(x)
     coef[:, lo == hi] = 0
     return _residuals(x, lambda s, e: r[s:e] @ coef, np.float64)
 
@@ -124,8 +140,9 @@ def _fit_categorical(x, codes: np.ndarray, n_cat: int):
         block[rows, c[rows] + 1] = 1
         return block
 
-    rhs, lo, hi = _rhs_and_range(x, one_hot)
+    rhs = _rhs(x, one_hot)
     _check_finite(rhs)
+    lo, hi = _gene_range(x)
     counts = np.bincount(codes[codes >= 0], minlength=n_cat).astype(np.float64)
     cat_sums = rhs[1:]  # n_cat × n_vars
     counts_d = xp.asarray(counts)[:, None]

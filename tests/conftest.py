@@ -98,3 +98,24 @@ def synthetic_counts(n_obs=300, n_vars=200, *, dtype=np.float32, density=0.1, se
     x[list(empty_rows), :] = 0
     x[:, list(empty_cols)] = 0
     return x
+
+
+@pytest.fixture(scope="session")
+def pbmc_graph():
+    """1,500 pbmc3k cells through scanpy: normalize_total, log1p, hvg 2000, pca 50,
+    neighbors 15 (exact, sklearn): the graph the tl tests compare on. Copy before writing."""
+    import warnings
+
+    import scanpy as sc
+
+    adata = read_real("pbmc3k_counts_labeled.h5ad")
+    rng = np.random.default_rng(0)
+    adata = adata[np.sort(rng.choice(adata.n_obs, 1500, replace=False))].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc.pp.normalize_total(adata)
+        sc.pp.log1p(adata)
+        sc.pp.highly_variable_genes(adata, n_top_genes=2000)
+        sc.pp.pca(adata, n_comps=50, mask_var="highly_variable")
+        sc.pp.neighbors(adata, n_neighbors=15, transformer="sklearn")
+    return adata

@@ -16,29 +16,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import scanpy as sc
-from conftest import read_real
 from sklearn.metrics import adjusted_rand_score
 
 import gpusc
 from gpusc.tl import _leiden
 
-N_CELLS = 1500
 
 
 @pytest.fixture(scope="module")
-def pbmc():
-    """pbmc3k subset through scanpy: normalize_total, log1p, hvg 2000, pca 50, neighbors 15."""
-    adata = read_real("pbmc3k_counts_labeled.h5ad")
-    rng = np.random.default_rng(0)
-    adata = adata[np.sort(rng.choice(adata.n_obs, N_CELLS, replace=False))].copy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sc.pp.normalize_total(adata)
-        sc.pp.log1p(adata)
-        sc.pp.highly_variable_genes(adata, n_top_genes=2000)
-        sc.pp.pca(adata, n_comps=50, mask_var="highly_variable")
-        sc.pp.neighbors(adata, n_neighbors=15, transformer="sklearn")
-    return adata
+def pbmc(pbmc_graph):
+    return pbmc_graph.copy()
 
 
 def tutorial_ari(adata, key):

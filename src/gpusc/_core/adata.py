@@ -61,3 +61,22 @@ def ensure_float(x):
     if x.dtype.kind == "f":
         return x
     return x.astype(np.float32)
+
+
+def device_oom_hint(func):
+    """Turn a device out-of-memory error (CuPy's is a MemoryError) into one that says
+    what to do; the functions check their input first, so nothing was written yet."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except MemoryError as err:
+            raise MemoryError(
+                f"{func.__name__}: out of device memory ({err}). Free device arrays, use managed "
+                "memory (gpusc.memory.configure('managed')), or keep the matrix on the host "
+                "(gpusc.get.anndata_to_CPU) and process it there"
+            ) from err
+
+    return wrapper

@@ -8,12 +8,13 @@ import numpy as np
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .._core.adata import (actualize_view, check_not_empty, ensure_float, get_matrix,
+from .._core.adata import (actualize_view, check_not_empty, device_oom_hint, ensure_float, get_matrix,
                            nonfinite_error, set_matrix)
 from .._core.arrays import is_csc, is_sparse, placement, to_host, xp_of
 from .._kernels.normalize import high_genes, row_sums, scale_rows_inplace
 
 
+@device_oom_hint
 def normalize_total(
     adata: AnnData,
     *,

@@ -9,11 +9,12 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._core.adata import check_not_empty, get_matrix, nonfinite_error
+from .._core.adata import check_not_empty, device_oom_hint, get_matrix, nonfinite_error
 from .._core.arrays import float_dtype, is_sparse, placement
 from .._kernels.qc import qc_stats
 
 
+@device_oom_hint
 def calculate_qc_metrics(
     adata: AnnData,
     *,

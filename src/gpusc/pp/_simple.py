@@ -9,7 +9,7 @@ import numpy as np
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .._core.adata import actualize_view, get_matrix, nonfinite_error, set_matrix
+from .._core.adata import actualize_view, device_oom_hint, get_matrix, nonfinite_error, set_matrix
 from .._core.arrays import float_dtype, is_sparse, placement
 from .._kernels.normalize import log1p_inplace
 from .._kernels.qc import qc_stats
@@ -61,6 +61,7 @@ def _filter(data, axis: int, func: str, options: dict[str, float | None], count_
     return subset, number
 
 
+@device_oom_hint
 def filter_cells(
     data,
     *,
@@ -87,6 +88,7 @@ def filter_cells(
                         max_genes=max_genes), "n_counts", "n_genes", inplace, copy)
 
 
+@device_oom_hint
 def filter_genes(
     data,
     *,

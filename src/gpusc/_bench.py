@@ -42,6 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ._core.arrays import to_host
+from ._settings import gpu_available
+
 LIBRARIES = ("scanpy", "gpusc", "rapids_singlecell")
 
 
@@ -144,12 +147,6 @@ def synchronize(on_gpu: bool) -> None:
         import cupy
 
         cupy.cuda.Device().synchronize()
-
-
-def gpu_available() -> bool:
-    from ._settings import gpu_available as available
-
-    return available()
 
 
 def machine(on_gpu: bool = False) -> dict:
@@ -459,10 +456,6 @@ def knn_recall(approx, exact) -> float:
     return hits / total if total else float("nan")
 
 
-def _host(x) -> np.ndarray:
-    return np.asarray(x.get() if hasattr(x, "get") else x)  # cupy arrays: copy to the host
-
-
 def compare_outputs(step: BenchStep, outputs: dict) -> dict:
     """Agreement of gpusc's output with scanpy's for the step (what is meaningful for it)."""
     sc_out, gs_out = outputs["scanpy"], outputs["gpusc"]
@@ -478,8 +471,8 @@ def compare_outputs(step: BenchStep, outputs: dict) -> dict:
                                  "gpusc": int(gs_out.obs["leiden"].nunique())}
         elif step.name == "pca":
             k = min(20, sc_out.obsm["X_pca"].shape[1], gs_out.obsm["X_pca"].shape[1])
-            vs = _host(sc_out.varm["PCs"])[:, :k]
-            vg = _host(gs_out.varm["PCs"])[:, :k]
+            vs = to_host(sc_out.varm["PCs"])[:, :k]
+            vg = to_host(gs_out.varm["PCs"])[:, :k]
             out["min_abs_cos_top_components"] = float(np.min(np.abs(np.sum(vs * vg, axis=0))))
         elif step.name == "highly_variable_genes":
             hs = sc_out.var["highly_variable"].to_numpy(bool)

@@ -83,6 +83,17 @@ def to_host(a):
     return np.asarray(a)
 
 
+def canonical(x):
+    """A CSR/CSC matrix (host or device) holding each index once per row/column: x itself,
+    or a copy with duplicate entries summed. Kernels that count or stage stored entries
+    need this; the flag is computed once by scipy/cupyx and cached."""
+    if x.has_canonical_format:
+        return x
+    x = x.copy()
+    x.sum_duplicates()
+    return x
+
+
 def float_dtype(dtype) -> np.dtype:
     """The floating dtype scanpy computes in for `dtype` (float32 for integers)."""
     dtype = np.dtype(dtype)

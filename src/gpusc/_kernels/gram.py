@@ -15,6 +15,7 @@ import numpy as np
 from fast_array_utils import types
 
 from .._core import cuda
+from .._core.arrays import canonical
 
 GRAM_TILE = 64  # kernels/gram.cu's GRAM_TILE
 GRAM_ROWS = 32  # kernels/gram.cu's GRAM_ROWS
@@ -96,10 +97,8 @@ def _(x):
 def _(x):
     import cupy as cp
 
-    if not x.has_canonical_format:
-        # duplicate entries add up in shared memory; summed first, no addition order can matter
-        x = x.copy()
-        x.sum_duplicates()
+    # duplicate entries would add up in shared memory in racing order: summed first
+    x = canonical(x)
     n_rows, n_cols = x.shape
     n_tiles = -(-n_cols // GRAM_TILE)
     tile_a, tile_b = np.triu_indices(n_tiles)

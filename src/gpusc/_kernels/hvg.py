@@ -23,6 +23,7 @@ import numpy as np
 from fast_array_utils import types
 
 from .._core import cuda
+from .._core.arrays import canonical
 
 HVG_IDENTITY, HVG_EXPM1, HVG_CLIP = 0, 1, 2  # kernels/hvg.cu's HVG_* modes
 FLAG_NONFINITE, FLAG_NEGATIVE, FLAG_NONINTEGER = 1, 2, 4
@@ -326,14 +327,6 @@ def _(x, batch_codes=None, n_batches=1, *, mode=HVG_IDENTITY, scale=1.0, clip=No
 # a batch stay 0 there (scanpy leaves them out of that batch).
 
 
-def _canonical(x):
-    """Sparse matrices with duplicates summed (a copy only when needed)."""
-    if not x.has_canonical_format:
-        x = x.copy()
-        x.sum_duplicates()
-    return x
-
-
 @singledispatch
 def pearson_residual_sums(x, batch_codes: np.ndarray | None, n_batches: int,
                           gene_sums: np.ndarray, *, theta: float,
@@ -364,7 +357,7 @@ def _(x, batch_codes, n_batches, gene_sums, *, theta, clip):
         # int32 placeholders: dense shares the numba specialisation of int32-indexed CSR
         indices, indptr = np.empty(0, np.int32), np.empty(0, np.int32)
     else:
-        x = _canonical(x)
+        x = canonical(x)
         cell_sums = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()
         data, indices, indptr = x.data, x.indices, x.indptr
     part_sum, part_sum_sq = _pearson_rows_host(data, indices, indptr, n_vars, rows, chunk_start,
@@ -383,7 +376,7 @@ def _(x, batch_codes, n_batches, gene_sums, *, theta, clip):
     n_obs, n_vars = x.shape
     codes = _codes(batch_codes, n_obs)
     gene_sums, totals = _pearson_setup(gene_sums, n_batches, n_vars)
-    x = _canonical(x)
+    x = canonical(x)
     cell_sums = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()
     rows = np.argsort(codes, kind="stable")
     batch_start = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=n_batches))])
@@ -482,7 +475,7 @@ def _(x, batch_codes, n_batches, gene_sums, *, theta, clip):
     gene_sums_dev, totals_dev = cp.asarray(gene_sums), cp.asarray(totals)
     sparse = not isinstance(x, types.CupyArray)
     if sparse:
-        x = _canonical(x)
+        x = canonical(x)
     else:
         x = cp.ascontiguousarray(x if x.dtype.kind == "f" else x.astype(np.float64))
     cell_sums = cp.ascontiguousarray(x.sum(axis=1, dtype=np.float64).ravel())

@@ -10,6 +10,7 @@ import numpy as np
 from fast_array_utils import types
 
 from .._core import cuda
+from .._core.arrays import canonical
 
 QC_VARS_PER_PASS = 4  # kernels/qc.cu's QC_VARS_PER_PASS
 BLOCK = 256
@@ -53,19 +54,9 @@ def _(x, qc_masks, ns):
     return qc_stats(x.tocsr(), qc_masks, ns)
 
 
-def _canonical(x):
-    """x, or a copy with duplicate entries summed: a gene stored twice in a cell is one
-    expressed gene with one value (the kernels count stored entries)."""
-    if x.has_canonical_format:  # computed once by scipy/cupyx, then cached
-        return x
-    x = x.copy()
-    x.sum_duplicates()
-    return x
-
-
 @qc_stats.register(types.csr_matrix | types.csr_array)
 def _(x, qc_masks, ns):
-    x = _canonical(x)
+    x = canonical(x)
     return _stats(*_qc_host(x.data, x.indices, x.indptr, *x.shape, _as_uint8(qc_masks), _ns(ns)))
 
 
@@ -89,7 +80,7 @@ def _(x, qc_masks, ns):
         name = cuda.template_name("qc_dense", x.dtype)
         matrix_args = (x, np.int64(n_rows), np.int64(n_cols))
     else:
-        x = _canonical(x)
+        x = canonical(x)
         name = cuda.template_name("qc_csr", x.dtype, x.indices.dtype)
         matrix_args = (x.data, x.indices, x.indptr, np.int64(n_rows))
     kernel = cuda.get_kernel("qc", NAME_EXPRESSIONS, name)

@@ -16,6 +16,7 @@ import numpy as np
 from fast_array_utils import types
 
 from .._core import cuda
+from .._core.arrays import canonical
 
 WARPS_PER_BLOCK = 8
 THREADS = 256
@@ -58,11 +59,6 @@ def _host_mask(row_mask) -> np.ndarray:
     return np.zeros(0, np.uint8) if row_mask is None else np.asarray(row_mask, np.uint8)
 
 
-def canonical(x):
-    """A CSR/CSC matrix whose lines hold each index once (a summed copy if needed);
-    the one-pass dense writers need distinct columns per row."""
-    if x.has_canonical_format:
-        return x
     x = x.copy()
     x.sum_duplicates()
     return x

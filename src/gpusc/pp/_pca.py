@@ -10,7 +10,7 @@ import numpy as np
 from anndata import AnnData
 
 from .._core.adata import check_not_empty, get_matrix
-from .._core.arrays import is_csc, is_sparse, placement, xp_of
+from .._core.arrays import is_csc, is_sparse, placement, to_host, xp_of
 from .._kernels.gram import gram
 
 N_PCS = 50  # scanpy's settings.N_PCS
@@ -335,7 +335,7 @@ def _fit(x, n_comps: int, *, zero_center: bool, solver: str, chunk_size: int | N
         sum_squares = _sum_squares(x)
         singular, vectors = _subspace_iteration(x, mean if zero_center else None, n_comps, random_state)
         singular_sq = singular**2
-    components = _to_host(vectors.T).copy()
+    components = to_host(vectors.T).copy()
     signs = _flip_signs(components)
     components *= signs[:, None]
     signs_x = xp.asarray(signs)
@@ -344,16 +344,12 @@ def _fit(x, n_comps: int, *, zero_center: bool, solver: str, chunk_size: int | N
     mean_sq = float((mean @ mean))  # synchronize!
     if zero_center:
         total_var = (sum_squares - n_obs * mean_sq) / (n_obs - 1)
-        variance = np.maximum(_to_host(singular_sq), 0.0) / (n_obs - 1)
+        variance = np.maximum(to_host(singular_sq), 0.0) / (n_obs - 1)
     else:
         # TruncatedSVD: the (ddof 0) variance of each projection over the genes' total
         total_var = (sum_squares - n_obs * mean_sq) / n_obs
-        variance = _to_host(x_pca.var(axis=0))
+        variance = to_host(x_pca.var(axis=0))
     return _Fit(components, variance, variance / total_var, x_pca)
-
-
-def _to_host(a) -> np.ndarray:
-    return a.get() if hasattr(a, "get") else np.asarray(a)  # synchronize!
 
 
 def _gram(x, chunk_size):
@@ -460,7 +456,7 @@ def _subspace_iteration(x, mean, k: int, random_state):
         # AᵀQ = Z R, so the SVD of R gives QᵀA's: singular values s, right vectors Z·U
         z, r = xp.linalg.qr(at_times(q))
         u, s, _ = xp.linalg.svd(r)
-        top = _to_host(s[:k])
+        top = to_host(s[:k])
         if it >= MIN_POWER_ITER and np.all(np.abs(top - previous) <= RITZ_RTOL * top[0]):
             break
         previous = top

@@ -38,37 +38,41 @@ class QCStats:
 
 
 @singledispatch
-def qc_stats(x, qc_masks: np.ndarray, ns: np.ndarray) -> QCStats:
+def qc_stats(x, qc_masks: np.ndarray, ns: np.ndarray, *, per_gene: bool = True) -> QCStats:
     """QC statistics of a cells × genes matrix.
 
     ``qc_masks`` is a boolean (n_vars, n_qc) array, ``ns`` the sorted ``percent_top``
     positions (each in 1..n_vars). Non-zero counts skip explicitly stored zeros. NaN, inf
     and negative values are reported in the flags, not raised, so the caller decides.
+    ``per_gene=False`` skips the per-gene sums (left zero), which cost a scattered write
+    (on the device an atomic) per stored value, when only per-cell numbers are wanted.
     """
     raise TypeError(f"qc_stats: unsupported array type {type(x)}")
 
 
 @qc_stats.register(types.csc_matrix | types.csc_array | types.CupyCSCMatrix)
-def _(x, qc_masks, ns):
+def _(x, qc_masks, ns, *, per_gene=True):
     # Per-cell top-n needs each cell's values together: one CSR copy (2x nnz peak).
-    return qc_stats(x.tocsr(), qc_masks, ns)
+    return qc_stats(x.tocsr(), qc_masks, ns, per_gene=per_gene)
 
 
 @qc_stats.register(types.csr_matrix | types.csr_array)
-def _(x, qc_masks, ns):
+def _(x, qc_masks, ns, *, per_gene=True):
     x = canonical(x)
-    return _stats(*_qc_host(x.data, x.indices, x.indptr, *x.shape, _as_uint8(qc_masks), _ns(ns)))
+    return _stats(*_qc_host(x.data, x.indices, x.indptr, *x.shape, _as_uint8(qc_masks), _ns(ns),
+                            per_gene))
 
 
 @qc_stats.register(np.ndarray)
-def _(x, qc_masks, ns):
+def _(x, qc_masks, ns, *, per_gene=True):
     flat = np.ascontiguousarray(x).reshape(-1)
     all_cols, no_indptr = np.arange(x.shape[1], dtype=np.int64), np.empty(0, np.int64)
-    return _stats(*_qc_host(flat, all_cols, no_indptr, *x.shape, _as_uint8(qc_masks), _ns(ns)))
+    return _stats(*_qc_host(flat, all_cols, no_indptr, *x.shape, _as_uint8(qc_masks), _ns(ns),
+                            per_gene))
 
 
 @qc_stats.register(types.CupyArray | types.CupyCSRMatrix)
-def _(x, qc_masks, ns):
+def _(x, qc_masks, ns, *, per_gene=True):
     import cupy as cp
 
     n_rows, n_cols = x.shape
@@ -111,7 +115,8 @@ def _(x, qc_masks, ns):
             np.int32(max(group_n_qc, 0)), ns_dev, np.int32(ns.size if first else 0),
             np.int32(top_n), np.int32(cap),
             row_total if first else null, row_nnz if first else null, row_qc[g], row_top,
-            col_total if first else null, col_nnz if first else null, flags,
+            col_total if first and per_gene else null,
+            col_nnz if first and per_gene else null, flags,
         ), shared_mem=shared if first else 0)
     row_qc = row_qc.transpose(1, 0, 2).reshape(n_rows, -1)[:, :n_qc]
     flag = int(flags.get()[0])  # synchronize!
@@ -196,7 +201,7 @@ def _top_sums(values, ns, out, buf):
 
 @numba.njit(cache=True)
 def _qc_row(values, cols, i, c, qc_masks, ns, row_total, row_nnz, row_qc, row_top,
-            col_total, col_nnz, buf):
+            col_total, col_nnz, buf, per_gene):
     """Statistics of cell i (its values and their gene indices); returns its flag bits."""
     total, nnz, bad = 0.0, 0, 0
     for j in range(values.size):
@@ -205,8 +210,9 @@ def _qc_row(values, cols, i, c, qc_masks, ns, row_total, row_nnz, row_qc, row_to
         total += v
         if v != 0:
             nnz += 1
-            col_total[c, col] += v
-            col_nnz[c, col] += 1
+            if per_gene:
+                col_total[c, col] += v
+                col_nnz[c, col] += 1
         for q in range(qc_masks.shape[1]):
             if qc_masks[col, q]:
                 row_qc[i, q] += v
@@ -217,7 +223,7 @@ def _qc_row(values, cols, i, c, qc_masks, ns, row_total, row_nnz, row_qc, row_to
 
 
 @numba.njit(parallel=True, cache=True)
-def _qc_host(data, indices, indptr, n_rows, n_cols, qc_masks, ns):
+def _qc_host(data, indices, indptr, n_rows, n_cols, qc_masks, ns, per_gene):
     # CSR when indptr is given; C-ordered dense (data = x.ravel(), indices = all columns)
     # when indptr is empty.
     # Chunks of rows run in parallel; each chunk owns one row of the per-gene accumulators.
@@ -239,7 +245,7 @@ def _qc_host(data, indices, indptr, n_rows, n_cols, qc_masks, ns):
             else:
                 values, cols = data[indptr[i]:indptr[i + 1]], indices[indptr[i]:indptr[i + 1]]
             bad |= _qc_row(values, cols, i, c, qc_masks, ns, row_total, row_nnz, row_qc,
-                           row_top, col_total, col_nnz, buf)
+                           row_top, col_total, col_nnz, buf, per_gene)
         flags[c] = bad
     flag = 0
     for f in flags:

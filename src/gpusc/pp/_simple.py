@@ -15,10 +15,10 @@ from .._kernels.normalize import log1p_inplace
 from .._kernels.qc import qc_stats
 
 
-def _counts_and_nnz(x, func: str):
-    """Per-cell and per-gene totals and expressed counts, from one pass."""
+def _counts_and_nnz(x, func: str, per_gene: bool):
+    """Per-cell (and, with per_gene, per-gene) totals and expressed counts, from one pass."""
     placement(x)
-    stats = qc_stats(x, np.zeros((x.shape[1], 0), bool), np.zeros(0, np.int64))
+    stats = qc_stats(x, np.zeros((x.shape[1], 0), bool), np.zeros(0, np.int64), per_gene=per_gene)
     if stats.nonfinite:
         raise nonfinite_error(func)
     return stats
@@ -46,7 +46,7 @@ def _filter(data, axis: int, func: str, options: dict[str, float | None], count_
         (adata._inplace_subset_obs if axis == 0 else adata._inplace_subset_var)(subset)
         return adata if copy else None
 
-    stats = _counts_and_nnz(data, func)
+    stats = _counts_and_nnz(data, func, per_gene=axis == 1)
     if by_counts:
         number = (stats.row_total if axis == 0 else stats.col_total).astype(float_dtype(data.dtype))
     else:

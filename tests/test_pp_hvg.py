@@ -20,6 +20,7 @@ from scipy import sparse
 
 import gpusc
 from conftest import read_real, synthetic_counts, tolerance
+from gpusc._core.arrays import placement
 from gpusc._kernels.hvg import HVG_CLIP, HVG_EXPM1, HVG_IDENTITY, gene_moments
 
 # Batched seurat_v3: scanpy-vs-scanpy spread on kang2018 (dense vs CSR) is 2.4e-3 and 6/1000.
@@ -221,7 +222,7 @@ def test_gene_moments_every_type(array_type, dtype, mode):
     x = synthetic_counts(200, 90, dtype=dtype, density=0.2, seed=3) / 4
     codes = np.random.default_rng(0).integers(0, 3, x.shape[0]).astype(np.int32)
     clip = np.random.default_rng(1).uniform(0.5, 3.0, (3, x.shape[1]))
-    m = gene_moments(array_type(x), codes, 3, mode=mode, scale=0.7, clip=clip)
+    m = gene_moments(array_type(x), codes, 3, mode=mode, scale=0.7, clip=clip, check_integer=True)
     for b in range(3):
         xb = x[codes == b]
         if mode == HVG_EXPM1:
@@ -235,6 +236,9 @@ def test_gene_moments_every_type(array_type, dtype, mode):
         np.testing.assert_allclose(m.sum_sq[b], (f * f).sum(0), rtol=rtol)
         np.testing.assert_array_equal(m.n_pos[b], (xb > 0).sum(0))
     assert m.flags == 4  # non-integers (x / 4), nothing else
+    if placement(array_type(x)) == "host":
+        # the host kernels test for integers only when asked (the device kernels always do)
+        assert gene_moments(array_type(x), codes, 3, mode=mode, scale=0.7, clip=clip).flags == 0
     # deterministic: a second run is bit-identical
     again = gene_moments(array_type(x), codes, 3, mode=mode, scale=0.7, clip=clip)
     np.testing.assert_array_equal(again.sum, m.sum)
@@ -259,6 +263,20 @@ def test_flags():
     x[1, 2], x[3, 4] = -1, np.nan
     for fmt in (np.asarray, sparse.csr_matrix, sparse.csc_matrix):
         assert gene_moments(fmt(x)).flags == 1 | 2
+    # inf alone (no NaN) is non-finite too; the host finds it from the sums
+    x[3, 4] = np.inf
+    x[1, 2] = 1
+    for fmt in (np.asarray, sparse.csr_matrix, sparse.csc_matrix):
+        assert gene_moments(fmt(x)).flags == 1
+        assert gene_moments(fmt(x), mode=HVG_CLIP, clip=np.full((1, 20), 2.0)).flags == 1
+
+
+def test_count_positive_false_skips_only_n_pos():
+    x = sparse.csr_matrix(synthetic_counts(60, 50, seed=4))
+    full, lean = gene_moments(x), gene_moments(x, count_positive=False)
+    np.testing.assert_array_equal(lean.sum, full.sum)
+    np.testing.assert_array_equal(lean.sum_sq, full.sum_sq)
+    assert full.n_pos.sum() == x.nnz and not lean.n_pos.any()
 
 
 # ---------------------------------------------------------------- arguments, errors

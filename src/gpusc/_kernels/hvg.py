@@ -68,12 +68,15 @@ class Moments:
 @singledispatch
 def gene_moments(x, batch_codes: np.ndarray | None = None, n_batches: int = 1, *,
                  mode: int = HVG_IDENTITY, scale: float = 1.0,
-                 clip: np.ndarray | None = None) -> Moments:
+                 clip: np.ndarray | None = None, check_integer: bool = False,
+                 count_positive: bool = True) -> Moments:
     """Per-batch, per-gene sums of a cells × genes matrix in one pass.
 
     ``batch_codes`` gives each cell's batch in ``0..n_batches-1`` (None: one batch).
     ``clip`` is a (n_batches, n_vars) float64 array, used with ``mode=HVG_CLIP``.
-    NaN/inf, negative and non-integer values are reported in ``flags``, not raised.
+    NaN/inf and negative values are reported in ``flags``, not raised; non-integer values
+    too when ``check_integer`` (the device kernels always report them). ``n_pos`` is all
+    zeros when not ``count_positive`` on the host (it costs a third of a memory-bound pass).
     """
     raise TypeError(f"gene_moments: unsupported array type {type(x)}")
 
@@ -115,20 +118,14 @@ def chunk_layout(codes: np.ndarray, n_batches: int, n_chunks: int):
             batch_chunks)
 
 
-def _sum_chunks_host(part_sum, part_sum_sq, part_pos, batch_chunks, flags) -> Moments:
-    n_batches = batch_chunks.size - 1
-    n_vars = part_sum.shape[1]
-    out = [np.zeros((n_batches, n_vars)), np.zeros((n_batches, n_vars)),
-           np.zeros((n_batches, n_vars), np.int64)]
-    for b in range(n_batches):
-        lo, hi = batch_chunks[b], batch_chunks[b + 1]
-        for o, part in zip(out, (part_sum, part_sum_sq, part_pos), strict=True):
-            o[b] = part[lo:hi].sum(axis=0)
-    return Moments(*out, flags=int(flags))
+def _sum_chunks_host(part, batch_chunks) -> np.ndarray:
+    """(n_chunks, n_vars, 3) partial sums → (n_batches, n_vars, 3), chunks in a fixed order."""
+    return np.stack([part[lo:hi].sum(axis=0) for lo, hi in zip(batch_chunks[:-1], batch_chunks[1:])])
 
 
 @gene_moments.register(types.csr_matrix | types.csr_array | np.ndarray)
-def _(x, batch_codes=None, n_batches=1, *, mode=HVG_IDENTITY, scale=1.0, clip=None):
+def _(x, batch_codes=None, n_batches=1, *, mode=HVG_IDENTITY, scale=1.0, clip=None,
+      check_integer=False, count_positive=True):
     n_obs, n_vars = x.shape
     codes = _codes(batch_codes, n_obs)
     rows, chunk_start, chunk_batch, batch_chunks = chunk_layout(codes, n_batches, N_CHUNKS)
@@ -142,20 +139,24 @@ def _(x, batch_codes=None, n_batches=1, *, mode=HVG_IDENTITY, scale=1.0, clip=No
         # 4x faster than expm1 inside the numba loop. Same rounding as _transform.
         data = np.expm1(data if scale == 1.0 else (data.astype(np.float64) * scale).astype(data.dtype))
         mode = HVG_IDENTITY
-    parts = _moments_rows_host(data, indices, indptr, n_vars, rows, chunk_start, chunk_batch,
-                               mode, float(scale), _clip(clip, n_batches, n_vars),
-                               data.dtype == np.float32)
-    return _sum_chunks_host(*parts[:3], batch_chunks, parts[3])
+    part, v_sum, v_min, bad = _moments_rows_host(
+        data, indices, indptr, n_vars, rows, chunk_start, chunk_batch, mode, float(scale),
+        _clip(clip, n_batches, n_vars), data.dtype == np.float32, check_integer, count_positive)
+    sums = _sum_chunks_host(part, batch_chunks)
+    return Moments(sums[..., 0], sums[..., 1], sums[..., 2].astype(np.int64),
+                   flags=_flags(v_sum, v_min, int(bad)))
 
 
 @gene_moments.register(types.csc_matrix | types.csc_array)
-def _(x, batch_codes=None, n_batches=1, *, mode=HVG_IDENTITY, scale=1.0, clip=None):
+def _(x, batch_codes=None, n_batches=1, *, mode=HVG_IDENTITY, scale=1.0, clip=None,
+      check_integer=False, count_positive=True):
     n_obs, n_vars = x.shape
     codes = _codes(batch_codes, n_obs)
-    *out, flags = _moments_csc_host(x.data, x.indices, x.indptr, n_vars, codes, n_batches,
-                                    mode, float(scale), _clip(clip, n_batches, n_vars),
-                                    x.data.dtype == np.float32)
-    return Moments(*out, flags=int(flags))
+    s, s2, pos, v_sum, v_min, bad = _moments_csc_host(x.data, x.indices, x.indptr, n_vars, codes,
+                                               n_batches, mode, float(scale),
+                                               _clip(clip, n_batches, n_vars),
+                                               x.data.dtype == np.float32, check_integer)
+    return Moments(s, s2, pos, flags=_flags(v_sum, v_min, int(bad)))
 
 
 @numba.njit(inline="always")
@@ -171,31 +172,41 @@ def _transform(v, mode, scale, clip, single):
 
 
 @numba.njit(inline="always")
-def _value_flags(v):
-    bad = 0
-    if not np.isfinite(v):
-        bad |= FLAG_NONFINITE
-    elif v != np.floor(v):
-        bad |= FLAG_NONINTEGER
-    if v < 0:
-        bad |= FLAG_NEGATIVE
-    return bad
+def _integer_flag(v, check_integer):
+    # Only asked for where scanpy checks for counts: a per-value floor() halves the pass's speed.
+    if check_integer and np.isfinite(v) and v != np.floor(v):
+        return FLAG_NONINTEGER
+    return 0
+
+
+def _flags(v_sum: float, v_min: float, bad: int) -> int:
+    """FLAG_* bits from the sum and the smallest of the raw values: NaN and inf reach the sum,
+    so one isfinite replaces a per-value test (the clipped sums may hide them)."""
+    flags = bad
+    if not np.isfinite(v_sum):
+        flags |= FLAG_NONFINITE
+    if v_min < 0:
+        flags |= FLAG_NEGATIVE
+    return flags
 
 
 @numba.njit(parallel=True, cache=True)
 def _moments_rows_host(data, indices, indptr, n_cols, rows, chunk_start, chunk_batch, mode,
-                       scale, clip, single):
+                       scale, clip, single, check_integer, count_positive):
     # CSR when indptr is given; C-ordered dense (data = x.ravel(), indices = all columns)
-    # when indptr is empty. Chunks run in parallel, each with its own row of partial sums.
+    # when indptr is empty. Chunks run in parallel, each with its own partial sums; a gene's
+    # three sums sit side by side ([chunk, gene, 0:3]) so one cache line serves one value.
     dense = indptr.size == 0
     n_chunks = chunk_batch.size
-    part_sum = np.zeros((n_chunks, n_cols))
-    part_sum_sq = np.zeros((n_chunks, n_cols))
-    part_pos = np.zeros((n_chunks, n_cols), np.int64)
+    part = np.zeros((n_chunks, n_cols, 3))
+    v_min = np.full(max(n_chunks, 1), np.inf)
+    v_sum = np.zeros(max(n_chunks, 1))
     flags = np.zeros(max(n_chunks, 1), np.int64)
     for k in numba.prange(n_chunks):
         b = chunk_batch[k]
         bad = 0
+        lowest = np.inf
+        total = 0.0
         for t in range(chunk_start[k], chunk_start[k + 1]):
             r = rows[t]
             if dense:
@@ -205,43 +216,55 @@ def _moments_rows_host(data, indices, indptr, n_cols, rows, chunk_start, chunk_b
             for j in range(lo, hi):
                 v = data[j]
                 col = indices[j - lo] if dense else indices[j]
-                bad |= _value_flags(v)
+                bad |= _integer_flag(v, check_integer)
+                lowest = min(lowest, np.float64(v))
+                total += v
                 f = _transform(v, mode, scale, clip[b, col], single)
-                part_sum[k, col] += f
-                part_sum_sq[k, col] += f * f
-                if v > 0:
-                    part_pos[k, col] += 1
+                part[k, col, 0] += f
+                part[k, col, 1] += f * f
+                if count_positive:
+                    part[k, col, 2] += v > 0  # a count, exact in double below 2^53
+        v_min[k] = lowest
+        v_sum[k] = total
         flags[k] = bad
     flag = 0
     for f in flags:
         flag |= f
-    return part_sum, part_sum_sq, part_pos, flag
+    return part, v_sum.sum(), v_min.min(), flag
 
 
 @numba.njit(parallel=True, cache=True)
 def _moments_csc_host(data, indices, indptr, n_cols, codes, n_batches, mode, scale, clip,
-                      single):
+                      single, check_integer):
     # Genes run in parallel; each gene's column is read by one thread, in stored order.
     s = np.zeros((n_batches, n_cols))
     s2 = np.zeros((n_batches, n_cols))
     pos = np.zeros((n_batches, n_cols), np.int64)
+    v_min = np.full(max(n_cols, 1), np.inf)
+    v_sum = np.zeros(max(n_cols, 1))
     flags = np.zeros(max(n_cols, 1), np.int64)
     for g in numba.prange(n_cols):
         bad = 0
+        lowest = np.inf
+        total = 0.0
         for j in range(indptr[g], indptr[g + 1]):
             v = data[j]
             b = codes[indices[j]]
-            bad |= _value_flags(v)
+            bad |= _integer_flag(v, check_integer)
+            lowest = min(lowest, np.float64(v))
+            total += v
             f = _transform(v, mode, scale, clip[b, g], single)
             s[b, g] += f
             s2[b, g] += f * f
             if v > 0:
                 pos[b, g] += 1
+        v_min[g] = lowest
+        v_sum[g] = total
         flags[g] = bad
     flag = 0
     for f in flags:
         flag |= f
-    return s, s2, pos, flag
+    return s, s2, pos, v_sum.sum(), v_min.min(), flag
 
 
 # ---------------------------------------------------------------- device
@@ -254,7 +277,8 @@ def _device_codes(codes, n_batches):
 
 
 @gene_moments.register(types.CupyCSMatrix)
-def _(x, batch_codes=None, n_batches=1, *, mode=HVG_IDENTITY, scale=1.0, clip=None):
+def _(x, batch_codes=None, n_batches=1, *, mode=HVG_IDENTITY, scale=1.0, clip=None,
+      check_integer=False, count_positive=True):
     import cupy as cp
 
     n_obs, n_vars = x.shape
@@ -288,7 +312,8 @@ def _(x, batch_codes=None, n_batches=1, *, mode=HVG_IDENTITY, scale=1.0, clip=No
 
 
 @gene_moments.register(types.CupyArray)
-def _(x, batch_codes=None, n_batches=1, *, mode=HVG_IDENTITY, scale=1.0, clip=None):
+def _(x, batch_codes=None, n_batches=1, *, mode=HVG_IDENTITY, scale=1.0, clip=None,
+      check_integer=False, count_positive=True):
     import cupy as cp
 
     n_obs, n_vars = x.shape

@@ -175,7 +175,8 @@ def highly_variable_genes(
     base = adata.uns.get("log1p", {}).get("base")
     moments = _moments(x, codes, n_batches, func=func, layer=layer,
                        mode=HVG_EXPM1 if flavor == "seurat" else HVG_IDENTITY,
-                       scale=1.0 if base is None or flavor != "seurat" else float(np.log(base)))
+                       scale=1.0 if base is None or flavor != "seurat" else float(np.log(base)),
+                       count_positive=batch_key is not None or bool(filter_unexpressed_genes))
     counts = np.bincount(codes, minlength=n_batches)
     if batch_key is None:
         df = _dispersion_batch(moments, 0, counts[0], flavor=flavor, n_bins=n_bins,
@@ -362,7 +363,8 @@ def _seurat_v3(x, var_names, codes, n_batches, *, flavor, n_top_genes, span, che
     except ImportError as e:
         e.add_note("Please install `scikit-misc` and try again.")
         raise
-    first = _moments(x, codes, n_batches, func=func, layer=layer, mode=HVG_IDENTITY)
+    first = _moments(x, codes, n_batches, func=func, layer=layer, mode=HVG_IDENTITY,
+                     check_integer=check_values)
     if first.negative:
         raise ValueError(f"{func}: flavor={flavor!r} expects raw counts, but the matrix has "
                          "negative values; pass layer= with the counts")

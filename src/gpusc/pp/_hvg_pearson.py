@@ -129,7 +129,7 @@ def highly_variable_genes_pearson_residuals(
     if x.dtype.kind != "f":
         x = x.astype(np.float64)  # the kernels take float32/float64; exact for counts
 
-    moments = gene_moments(x, codes, n_batches)
+    moments = gene_moments(x, codes, n_batches, check_integer=check_values)
     computed_on = layer if layer else "adata.X"
     if moments.nonfinite:
         raise nonfinite_error(_FUNC, f"layer {layer!r}" if layer else "adata.X")

@@ -1,5 +1,8 @@
 """highly_variable_genes: scanpy's seurat, cell_ranger, seurat_v3 and seurat_v3_paper flavors.
 
+pearson_residuals (``_hvg_pearson``) and poisson_gene_selection (``_hvg_poisson``) have their
+own modules; this one only dispatches to them.
+
 The per-gene statistics (sums, sums of squares, expressed cells; per batch) come from one
 pass of ``_kernels.hvg.gene_moments`` over the matrix where it lives. Everything after that
 works on one point per gene on the host: binning, normalised dispersions, the loess fit
@@ -19,6 +22,7 @@ from .._core.adata import actualize_view, check_not_empty, get_matrix, nonfinite
 from .._core.arrays import placement
 from .._kernels.hvg import HVG_CLIP, HVG_EXPM1, HVG_IDENTITY, Moments, gene_moments
 from ._hvg_pearson import highly_variable_genes_pearson_residuals
+from ._hvg_poisson import poisson_gene_selection
 
 FLAVORS = ("seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper")
 _CUTOFF_DEFAULTS = {"min_disp": 0.5, "max_disp": np.inf, "min_mean": 0.0125, "max_mean": 3}
@@ -37,7 +41,7 @@ def highly_variable_genes(
     span: float = 0.3,
     n_bins: int = 20,
     flavor: Literal["seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper",
-                    "pearson_residuals"] = "seurat",
+                    "pearson_residuals", "poisson_gene_selection"] = "seurat",
     subset: bool = False,
     inplace: bool = True,
     batch_key: str | None = None,
@@ -68,6 +72,23 @@ def highly_variable_genes(
     sparse input a CSC copy (with ``batch_key``, a row-permuted CSR copy as well, about 3x
     the matrix) plus those partials.
 
+    ``flavor="poisson_gene_selection"`` is not in scanpy: it is scvi-tools'
+    :func:`scvi.data.poisson_gene_selection` (also a flavor of rapids-singlecell) with the
+    sampled probability replaced by the exact one. Per batch (all cells without ``batch_key``),
+    a gene's share of the batch's counts ``m`` and each cell's total ``t`` give the Poisson
+    model's expected fraction of zeros, the mean over cells of ``exp(-m t)``; the observed
+    fraction is the share of cells where the gene is 0. scvi estimates the probability that a
+    Bernoulli(observed) draw exceeds an independent Bernoulli(expected) one from ``n_samples``
+    draws (standard deviation up to 0.005 with its 10,000); here it is the exact
+    ``observed * (1 - expected)``: deterministic, and no draws to pay for. Genes are
+    ranked per batch (ascending; exact ties by gene order, where scvi's unstable sort leaves
+    them unspecified), and selected as scvi does: most batches in which the gene is among the
+    top ``n_top_genes``, then the highest median rank. The expected zeros are summed in float64
+    over each batch's distinct cell totals (counts share totals: a few thousand per batch),
+    never over the ``n_obs x n_vars`` outer product; on the device one CUDA thread per (batch,
+    gene). Device peak: as the other count flavors' moments pass (CSR input is read through a
+    CSC copy, with ``batch_key`` a row-permuted CSR copy as well: about 3x the matrix).
+
     Parameters
     ----------
     adata
@@ -77,7 +98,9 @@ def highly_variable_genes(
     n_top_genes
         Number of genes to select (default 2000 for seurat_v3); the cutoffs are then ignored.
         Larger than ``n_vars``: every gene (with a normalised dispersion) is selected, with
-        scanpy's warning for the dispersion flavors.
+        scanpy's warning for the dispersion flavors. poisson_gene_selection: default 2000
+        with a UserWarning, as rapids-singlecell's flavor and our seurat_v3 (scvi's own
+        function defaults to 4000).
     min_disp, max_disp, min_mean, max_mean
         Cutoffs on normalised dispersion and mean (dispersion flavors, no ``n_top_genes``).
     span
@@ -85,10 +108,12 @@ def highly_variable_genes(
     n_bins
         Number of mean bins (seurat).
     flavor
-        ``"seurat"``, ``"cell_ranger"``, ``"seurat_v3"``, ``"seurat_v3_paper"`` or
-        ``"pearson_residuals"``.
+        ``"seurat"``, ``"cell_ranger"``, ``"seurat_v3"``, ``"seurat_v3_paper"``,
+        ``"pearson_residuals"`` or ``"poisson_gene_selection"``.
     subset
-        Keep only the highly variable genes (in place, or in the returned frame).
+        Keep only the highly variable genes (in place, or in the returned frame; scvi's
+        poisson_gene_selection writes into ``adata`` whenever ``subset``, we do not with
+        ``inplace=False``).
     inplace
         Write into ``adata.var``/``adata.uns`` instead of returning a DataFrame.
     batch_key
@@ -98,7 +123,8 @@ def highly_variable_genes(
         ``batch_key``).
     check_values
         seurat_v3, pearson_residuals: warn (UserWarning, as scanpy) when the values are not
-        integers (pearson_residuals: or negative).
+        integers (pearson_residuals: or negative). poisson_gene_selection: raise a ValueError
+        for non-integer values, as scvi-tools does; ``False`` uses the values as they are.
 
     Returns
     -------
@@ -120,6 +146,14 @@ def highly_variable_genes(
         ``batch_key`` also ``highly_variable_nbatches`` (int64) and
         ``highly_variable_intersection`` (bool). ``adata.uns['hvg']`` is
         ``{'flavor': 'pearson_residuals', 'computed_on': layer or 'adata.X'}``.
+    poisson_gene_selection
+        scvi's columns, the float ones medians over batches: ``highly_variable`` (bool),
+        ``observed_fraction_zeros`` (float64), ``expected_fraction_zeros`` (float64; scvi's is
+        float32), ``prob_zero_enriched_nbatches`` (int64, written with or without
+        ``batch_key`` as scvi does; left out of the returned frame without ``batch_key``),
+        ``prob_zero_enrichment`` (float64; scvi's float32), ``prob_zero_enrichment_rank``
+        (float64, 0 = least enriched). ``adata.uns['hvg']`` is ``{'flavor': 'poisson_zeros'}``
+        (scvi's value).
 
     Raises
     ------
@@ -128,7 +162,9 @@ def highly_variable_genes(
     ValueError
         Not an AnnData, an unknown flavor, NaN/inf in the matrix, negative values for
         seurat_v3 (scanpy only warns), missing values in the batch column, an empty matrix;
-        pearson_residuals without ``n_top_genes``, ``theta <= 0`` or ``clip < 0``.
+        pearson_residuals without ``n_top_genes``, ``theta <= 0`` or ``clip < 0``;
+        poisson_gene_selection with negative values, non-integer values (``check_values``),
+        a batch without counts, or ``n_top_genes`` not a positive integer.
     """
     func = "highly_variable_genes"
     if not isinstance(adata, AnnData):
@@ -139,8 +175,13 @@ def highly_variable_genes(
         return highly_variable_genes_pearson_residuals(
             adata, n_top_genes=n_top_genes, batch_key=batch_key, check_values=check_values,
             layer=layer, subset=subset, inplace=inplace)
+    if flavor == "poisson_gene_selection":
+        return poisson_gene_selection(adata, layer=layer, n_top_genes=n_top_genes,
+                                      batch_key=batch_key, subset=subset, inplace=inplace,
+                                      check_values=check_values)
     if flavor not in FLAVORS:
-        raise ValueError(f"{func}: flavor={flavor!r} is not one of {FLAVORS}")
+        raise ValueError(f"{func}: flavor={flavor!r} is not one of "
+                         f"{(*FLAVORS, 'pearson_residuals', 'poisson_gene_selection')}")
     x = get_matrix(adata, layer=layer, func=func)
     placement(x)  # a TypeError for unsupported array types
     check_not_empty(x, func)

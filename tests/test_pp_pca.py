@@ -15,7 +15,8 @@ from threadpoolctl import threadpool_limits
 
 import gpusc as rsc
 from conftest import HOST_TYPES, read_real, synthetic_counts, to_device
-from gpusc._kernels.gram import gram
+from gpusc._core.arrays import placement
+from gpusc._kernels.gram import DenseRows, gram
 from gpusc.pp import _pca
 
 N_COSINE = 20  # components whose |cos| with scanpy's must exceed 0.999
@@ -129,6 +130,58 @@ def test_real_sparse_randomized_solver_and_wide_path(pbmc, pbmc_scanpy, monkeypa
     wide = pbmc.copy()
     rsc.pp.pca(wide)
     assert_pca_close(info(pbmc_scanpy), info(wide))
+
+
+@pytest.mark.parametrize("svd_solver", [None, "randomized"])
+def test_real_sparse_through_dense_rows(pbmc, pbmc_scanpy, monkeypatch, svd_solver):
+    """The device CSR path (gene mask as a column map, dense float64 row blocks, dense
+    products) with DenseRows' numba twin standing in for its CUDA kernel."""
+    monkeypatch.setattr(_pca, "_select_columns",
+                        lambda x, mask: DenseRows(x, np.flatnonzero(mask)))
+    test = pbmc.copy()
+    rsc.pp.pca(test, svd_solver=svd_solver)
+    assert_pca_close(info(pbmc_scanpy), info(test))
+    assert_same_uns(pbmc_scanpy, test)
+    # NaN in a selected gene is an error; in a left-out gene it is never read, as in scanpy
+    hvg = np.flatnonzero(pbmc.var["highly_variable"].to_numpy())
+    other = np.flatnonzero(~pbmc.var["highly_variable"].to_numpy())
+    for gene, fails in ((hvg[3], True), (other[3], False)):
+        bad = pbmc.copy()
+        x = bad.X.tolil()
+        x[5, gene] = np.nan
+        bad.X = x.tocsr()
+        if fails:
+            with pytest.raises(ValueError, match="NaN"):
+                rsc.pp.pca(bad, 10)
+        else:
+            rsc.pp.pca(bad, 10)
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_dense_rows(index_dtype):
+    rng = np.random.default_rng(4)
+    n_obs, n_vars = 120, 60
+    rows = np.repeat(np.arange(n_obs), 9)
+    cols = rng.integers(0, n_vars, rows.size)  # unsorted, with duplicates
+    x = sparse.csr_matrix((rng.random(rows.size).astype(np.float32), cols.astype(index_dtype),
+                           np.arange(0, rows.size + 1, 9).astype(index_dtype)), shape=(n_obs, n_vars))
+    keep = np.flatnonzero(rng.random(n_vars) < 0.6)
+    summed = x.copy()
+    summed.sum_duplicates()
+    expected = summed[:, keep].toarray().astype(np.float64)
+    blocks = DenseRows(x, keep)
+    assert blocks.shape == (n_obs, keep.size) and placement(blocks) == "host"
+    np.testing.assert_array_equal(blocks[7:50], expected[7:50])
+    np.testing.assert_array_equal(blocks[:], expected)
+    assert blocks[50:50].shape == (0, keep.size)
+    g, s = gram(blocks)
+    np.testing.assert_allclose(g, expected.T @ expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(s, expected.sum(axis=0), rtol=1e-12)
+    for index in (3, slice(0, 10, 2)):
+        with pytest.raises(TypeError, match="slice"):
+            blocks[index]
+    counts = DenseRows(sparse.csr_matrix(np.arange(12, dtype=np.int32).reshape(3, 4)), keep[keep < 4])
+    np.testing.assert_array_equal(counts[0:3], np.arange(12.0).reshape(3, 4)[:, keep[keep < 4]])
 
 
 def test_real_dense_scaled(pbmc):
@@ -360,8 +413,11 @@ def test_gram_unsorted_duplicates(dtype, index_dtype):
     csr = sparse.csr_matrix((vals, cols.astype(index_dtype), indptr.astype(index_dtype)),
                             shape=(n_obs, n_vars))
     assert not csr.has_canonical_format
-    expected = np.zeros((n_obs, n_vars))
-    np.add.at(expected, (rows, cols), vals.astype(np.float64))
+    # duplicates are summed in the matrix's dtype first (scipy's sum_duplicates), as every
+    # gpusc kernel family does; then the products in float64
+    expected = np.zeros((n_obs, n_vars), dtype)
+    np.add.at(expected, (rows, cols), vals)
+    expected = expected.astype(np.float64)
     g, s = gram(csr)
     np.testing.assert_allclose(g, expected.T @ expected, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(s, expected.sum(axis=0), rtol=1e-12)
@@ -407,6 +463,21 @@ def test_device_gram_kernel(index_dtype):
     g_host, s_host = gram(x)
     np.testing.assert_allclose(g.get(), g_host, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(s.get(), s_host, rtol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_device_dense_rows_kernel(index_dtype):
+    import cupy as cp
+    from cupyx.scipy import sparse as cpsparse
+
+    x = sparse.random(3000, 700, density=0.05, format="csr", random_state=5, dtype=np.float32)
+    keep = np.flatnonzero(np.random.default_rng(0).random(700) < 0.3)
+    dev = cpsparse.csr_matrix((cp.asarray(x.data), cp.asarray(x.indices.astype(index_dtype)),
+                               cp.asarray(x.indptr.astype(index_dtype))), shape=x.shape)
+    blocks = DenseRows(dev, keep)
+    assert placement(blocks) == "device"
+    np.testing.assert_array_equal(blocks[100:2900].get(), DenseRows(x, keep)[100:2900])
 
 
 @pytest.mark.gpu

@@ -1,9 +1,13 @@
-"""``kernels/gram.cu`` and its numba twin: the Gram matrix XᵀX and the column sums of X.
+"""``kernels/gram.cu`` and its numba twins: the Gram matrix XᵀX and the column sums of X.
 
-One function, :func:`gram`, for every supported matrix: CSR through the CUDA kernel on the
-device and the numba twin on the host, CSC through one CSR copy, dense through BLAS
-(cuBLAS on the device) on float64 row chunks. Everything accumulates in float64 and is
-deterministic: partial results are summed in a fixed order that depends on the shape only.
+One function, :func:`gram`, for every supported matrix, everything accumulated in float64
+and deterministic (partial results summed in an order fixed by the shape):
+
+- host CSR: a numba kernel over the stored values only (gene blocks in parallel);
+- device CSR: :class:`DenseRows` turns row blocks into dense float64 blocks on the device
+  (kernels/gram.cu) and cuBLAS multiplies them (DGEMM; FP64 tensor cores on sm_80+), which
+  beats any sparse kernel at the density of log-normalised HVG data;
+- dense: BLAS/cuBLAS on float64 row chunks; CSC: through one CSR copy.
 """
 
 from __future__ import annotations
@@ -15,24 +19,18 @@ import numpy as np
 from fast_array_utils import types
 
 from .._core import cuda
-from .._core.arrays import canonical
+from .._core.arrays import canonical, placement, xp_of
 
-GRAM_TILE = 64  # kernels/gram.cu's GRAM_TILE
-GRAM_ROWS = 32  # kernels/gram.cu's GRAM_ROWS
-GRAM_THREADS = 256  # kernels/gram.cu's GRAM_THREADS
+BLOCK = 256  # threads per block of csr_rows_to_dense (one warp per row)
 NAME_EXPRESSIONS = tuple(
-    cuda.template_name("gram_csr", v, i) for v in (np.float32, np.float64) for i in (np.int32, np.int64)
+    cuda.template_name("csr_rows_to_dense", v, i)
+    for v in (np.float32, np.float64) for i in (np.int32, np.int64)
 )
-# Device: enough blocks (output tiles × row slices) to fill a large GPU, and at most this
-# many bytes of partial Grams (one n_vars² float64 Gram per row slice).
-TARGET_BLOCKS = 1024
-MAX_SLICES = 64
-DEVICE_PARTIAL_BYTES = 1 << 30
-# Host: row chunks summed in parallel, each into its own partial Gram; the chunk count is
-# fixed by the shape (never the thread count), so the summation order and the result are too.
-N_CHUNKS = 8
-HOST_PARTIAL_BYTES = 512 << 20
-# Dense input: rows converted to float64 at a time (bytes of one chunk).
+# Host: genes in blocks of GRAM_BLOCK_HOST (a 256² float64 tile is 512 KiB, about one L2;
+# 128 and 384 were slower at 50k × 2000), rows in chunks of ROW_CHUNK for the block starts.
+GRAM_BLOCK_HOST = 256
+ROW_CHUNK = 8192
+# Dense input and DenseRows: rows converted to float64 at a time (bytes of one chunk).
 DENSE_CHUNK_BYTES = 64 << 20
 
 
@@ -40,13 +38,12 @@ DENSE_CHUNK_BYTES = 64 << 20
 def gram(x) -> tuple:
     """``(XᵀX, column sums)`` of a cells × genes matrix, both float64, where ``x`` lives.
 
-    XᵀX is returned whole (symmetric, n_vars × n_vars); the kernels compute its upper
-    triangle. Peak extra memory: the n_vars² float64 result (times the partial Grams'
-    count: at most ``DEVICE_PARTIAL_BYTES`` / ``HOST_PARTIAL_BYTES``), plus a CSR copy for
-    CSC input, plus one float64 row chunk for dense input; never a dense copy of sparse X.
-    Work of the CUDA kernel: each output tile's block reads the indices of every non-zero
-    of its rows (about (n_vars / 64)² / 2 passes over the indices) and multiplies dense
-    64-column panels, the FLOPs of a dense n_obs × n_vars Gram in float64.
+    XᵀX is returned whole (symmetric, n_vars × n_vars). Peak extra memory: the n_vars²
+    float64 result, plus a CSR copy for CSC (or non-canonical) input, plus one float64 row
+    chunk of at most ``DENSE_CHUNK_BYTES`` for dense and device sparse input; never a
+    dense copy of a sparse X. Work: the host CSR kernel does one multiply-add per pair of
+    stored values in a row (Σ nnz_row² / 2); the device does the FLOPs of a dense
+    n_obs × n_vars Gram on cuBLAS.
     """
     raise TypeError(f"gram: unsupported array type {type(x)}")
 
@@ -58,9 +55,9 @@ def _(x):
 
 @gram.register(types.csr_matrix | types.csr_array)
 def _(x):
+    x = canonical(x)  # the kernel needs sorted, unique indices in each row
     n_rows, n_cols = x.shape
-    n_chunks = _n_chunks(n_rows, n_cols)
-    upper, sums = _gram_csr_host(x.data, x.indices, x.indptr, n_rows, n_cols, n_chunks)
+    upper, sums = _gram_csr_host(x.data, x.indices, x.indptr, n_rows, n_cols, GRAM_BLOCK_HOST)
     return _symmetric(upper, np), sums
 
 
@@ -79,48 +76,100 @@ def _(x):
     return _symmetric(upper, np), sums
 
 
-@gram.register(types.CupyArray)
+@gram.register(types.CupyCSRMatrix)
 def _(x):
-    import cupy as cp
+    return gram(DenseRows(x))
 
+
+class DenseRows:
+    """A CSR matrix read as dense float64 blocks of rows, keeping only ``columns``.
+
+    ``rows[a:b]`` (a step-1 slice is the only index supported) is a new C-ordered
+    ``(b - a) × len(columns)`` float64 array where the matrix lives: a CUDA kernel fills it
+    on the device (kernels/gram.cu's csr_rows_to_dense), a numba twin on the host. pca
+    reads device CSR input this way so that every product is a dense cuBLAS one, and a
+    gene mask costs an index map instead of a column-selected copy of the matrix (whose
+    cupyx indexing also needs int32 indices; this works with int64 ones, past 2^31 stored
+    values). Duplicate entries are summed first (one copy), as everywhere in gpusc.
+    """
+
+    def __init__(self, x, columns: np.ndarray | None = None):
+        if x.dtype not in (np.float32, np.float64):
+            x = x.astype(np.float64)  # the kernel's value types; exact for counts
+        self.x = canonical(x)
+        self.xp = xp_of(x)
+        n_vars = x.shape[1]
+        columns = np.arange(n_vars) if columns is None else np.asarray(columns)
+        col_map = np.full(n_vars, -1, np.int32)  # output column of each gene, -1: left out
+        col_map[columns] = np.arange(columns.size, dtype=np.int32)
+        self.col_map = self.xp.asarray(col_map)
+        self.shape = (x.shape[0], int(columns.size))
+        self.dtype = np.dtype(np.float64)
+
+    def __getitem__(self, rows: slice):
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("DenseRows takes a slice of rows with step 1")
+        start, stop, _ = rows.indices(self.shape[0])
+        n = max(stop - start, 0)
+        out = self.xp.zeros((n, self.shape[1]), np.float64)
+        x = self.x
+        if self.xp is np:
+            _csr_rows_to_dense_host(x.data, x.indices, x.indptr, start, n, self.col_map, out)
+        elif n:
+            kernel = cuda.get_kernel("gram", NAME_EXPRESSIONS,
+                                     cuda.template_name("csr_rows_to_dense", x.dtype, x.indices.dtype))
+            cuda.launch(kernel, -(-n * 32 // BLOCK), BLOCK, (
+                x.data, x.indices, x.indptr, np.int64(start), np.int64(n), self.col_map,
+                np.int64(self.shape[1]), out,
+            ))
+        return out
+
+
+@placement.register(DenseRows)
+def _(x) -> str:
+    return placement(x.x)
+
+
+@gram.register(types.CupyArray)
+@gram.register(DenseRows)
+def _(x):
+    xp = xp_of(x)
     n_rows, n_cols = x.shape
-    out = cp.zeros((n_cols, n_cols), np.float64)
-    sums = cp.zeros(n_cols, np.float64)
+    out = xp.zeros((n_cols, n_cols), np.float64)
+    sums = xp.zeros(n_cols, np.float64)
     for start, stop in _row_chunks(n_rows, n_cols):
-        chunk = x[start:stop].astype(np.float64)
-        out += chunk.T @ chunk  # cuBLAS DGEMM: a fixed order for a fixed shape
+        chunk = x[start:stop].astype(np.float64, copy=False)
+        out += chunk.T @ chunk  # cuBLAS (BLAS) DGEMM: a fixed order for a fixed shape
         sums += chunk.sum(axis=0)
     return out, sums
 
 
-@gram.register(types.CupyCSRMatrix)
-def _(x):
-    import cupy as cp
-
-    # duplicate entries would add up in shared memory in racing order: summed first
-    x = canonical(x)
-    n_rows, n_cols = x.shape
-    n_tiles = -(-n_cols // GRAM_TILE)
-    tile_a, tile_b = np.triu_indices(n_tiles)
-    n_pairs = tile_a.size
-    n_slices = max(1, min(MAX_SLICES, -(-TARGET_BLOCKS // n_pairs), -(-n_rows // GRAM_ROWS),
-                          DEVICE_PARTIAL_BYTES // (8 * n_cols * n_cols)))
-    partial_gram = cp.zeros((n_slices, n_cols, n_cols), np.float64)
-    partial_sums = cp.zeros((n_slices, n_cols), np.float64)
-    kernel = cuda.get_kernel("gram", NAME_EXPRESSIONS,
-                             cuda.template_name("gram_csr", x.dtype, x.indices.dtype))
-    kernel((n_pairs, n_slices), (GRAM_THREADS,), (
-        x.data, x.indices, x.indptr, np.int64(n_rows), np.int64(n_cols),
-        cp.asarray(tile_a, np.int32), cp.asarray(tile_b, np.int32), np.int32(n_slices),
-        partial_gram, partial_sums,
-    ))
-    # a fixed-order reduction over the slices (no atomics), then the lower triangle
-    upper = partial_gram[0] if n_slices == 1 else partial_gram.sum(axis=0)
-    return _symmetric(upper, cp), partial_sums.sum(axis=0)
+@numba.njit(parallel=True, cache=True)
+def _csr_rows_to_dense_host(data, indices, indptr, start, n_rows, col_map, out):
+    for r in numba.prange(n_rows):
+        for j in range(indptr[start + r], indptr[start + r + 1]):
+            c = col_map[indices[j]]
+            if c >= 0:
+                out[r, c] = data[j]
 
 
 def _symmetric(upper, xp):
+    if xp is np:
+        _mirror_upper_host(upper)  # in place: 2.5 ms at 2000² where triu + triu.T took 100
+        return upper
     return xp.triu(upper) + xp.triu(upper, 1).T
+
+
+@numba.njit(parallel=True, cache=True)
+def _mirror_upper_host(a):
+    # a[j, i] = a[i, j] below the diagonal, in 64 × 64 blocks so that the strided side stays in cache
+    n = a.shape[0]
+    nb = (n + 63) // 64
+    for bi in numba.prange(nb):
+        for bj in range(bi, nb):
+            for i in range(bi * 64, min(bi * 64 + 64, n)):
+                for j in range(max(bj * 64, i + 1), min(bj * 64 + 64, n)):
+                    a[j, i] = a[i, j]
 
 
 def _row_chunks(n_rows: int, n_cols: int):
@@ -129,47 +178,78 @@ def _row_chunks(n_rows: int, n_cols: int):
         yield start, min(start + step, n_rows)
 
 
-def _n_chunks(n_rows: int, n_cols: int) -> int:
-    return max(1, min(N_CHUNKS, n_rows, HOST_PARTIAL_BYTES // (8 * n_cols * n_cols)))
-
-
-@numba.njit(cache=True)
-def _gram_rows(data, indices, indptr, start, stop, upper, sums):
-    """Add rows start..stop of a CSR matrix into ``upper`` (XᵀX at [min, max]) and ``sums``."""
-    for i in range(start, stop):
-        b, e = indptr[i], indptr[i + 1]
-        for j in range(b, e):
-            vj = np.float64(data[j])
-            cj = indices[j]
-            sums[cj] += vj
-            upper[cj, cj] += vj * vj
-            for k in range(j + 1, e):
-                ck = indices[k]
-                v = vj * np.float64(data[k])
-                if ck == cj:  # a duplicate entry: its cross term counts twice on the diagonal
-                    upper[cj, cj] += 2.0 * v
-                elif ck > cj:
-                    upper[cj, ck] += v
-                else:
-                    upper[ck, cj] += v
+@numba.njit(inline="always")
+def _cross(data, indices, sa, ea, sb, eb, upper, same):
+    """upper[c_j, c_k] += v_j v_k for stored j in [sa, ea) and k in [sb, eb) of one row
+    (``same``: the two ranges are one, and only k > j counts). Four j at a time, so that
+    each loaded (c_k, v_k) serves four scattered updates."""
+    j = sa
+    while j + 3 < ea:
+        v0, v1 = np.float64(data[j]), np.float64(data[j + 1])
+        v2, v3 = np.float64(data[j + 2]), np.float64(data[j + 3])
+        r0, r1 = upper[indices[j]], upper[indices[j + 1]]
+        r2, r3 = upper[indices[j + 2]], upper[indices[j + 3]]
+        if same:  # the triangle among the four themselves
+            c1, c2, c3 = indices[j + 1], indices[j + 2], indices[j + 3]
+            r0[c1] += v0 * v1
+            r0[c2] += v0 * v2
+            r0[c3] += v0 * v3
+            r1[c2] += v1 * v2
+            r1[c3] += v1 * v3
+            r2[c3] += v2 * v3
+        for k in range(j + 4 if same else sb, eb):
+            vk = np.float64(data[k])
+            ck = indices[k]
+            r0[ck] += v0 * vk
+            r1[ck] += v1 * vk
+            r2[ck] += v2 * vk
+            r3[ck] += v3 * vk
+        j += 4
+    while j < ea:
+        v0 = np.float64(data[j])
+        r0 = upper[indices[j]]
+        for k in range(j + 1 if same else sb, eb):
+            r0[indices[k]] += v0 * np.float64(data[k])
+        j += 1
 
 
 @numba.njit(parallel=True, cache=True)
-def _gram_csr_host(data, indices, indptr, n_rows, n_cols, n_chunks):
-    # Row chunks run in parallel, each into its own partial Gram; the partials are then
-    # summed in chunk order (parallel over output rows), so the result never depends on
-    # the thread count.
-    partial = np.zeros((n_chunks, n_cols, n_cols))
-    partial_sums = np.zeros((n_chunks, n_cols))
-    for c in numba.prange(n_chunks):
-        _gram_rows(data, indices, indptr, c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks,
-                   partial[c], partial_sums[c])
+def _gram_csr_host(data, indices, indptr, n_rows, n_cols, block):
+    # Canonical CSR (sorted, unique indices per row). The genes are cut into blocks; each
+    # (block a <= block b) pair owns the tile upper[a, b] and runs in parallel with the
+    # others, so a tile's scattered updates stay in cache and no partial Grams are needed.
+    # Every entry adds its rows in row order whatever the thread count or block size:
+    # the result is deterministic. Per chunk of rows, ``starts[r, g]`` is where block g
+    # begins in row r.
+    n_blocks = (n_cols + block - 1) // block
+    n_pairs = n_blocks * (n_blocks + 1) // 2
+    pair_a = np.empty(n_pairs, np.int64)
+    pair_b = np.empty(n_pairs, np.int64)
+    p = 0
+    for a in range(n_blocks):
+        for b in range(a, n_blocks):
+            pair_a[p], pair_b[p] = a, b
+            p += 1
     upper = np.zeros((n_cols, n_cols))
-    for a in numba.prange(n_cols):
-        for c in range(n_chunks):
-            for b in range(a, n_cols):
-                upper[a, b] += partial[c, a, b]
     sums = np.zeros(n_cols)
-    for c in range(n_chunks):
-        sums += partial_sums[c]
+    starts = np.empty((min(ROW_CHUNK, n_rows), n_blocks + 1), np.int64)
+    for r0 in range(0, n_rows, ROW_CHUNK):
+        r1 = min(r0 + ROW_CHUNK, n_rows)
+        for r in numba.prange(r0, r1):
+            pos, end = indptr[r], indptr[r + 1]
+            for g in range(n_blocks + 1):
+                while pos < end and indices[pos] < g * block:
+                    pos += 1
+                starts[r - r0, g] = pos
+        for q in numba.prange(n_pairs):
+            a, b = pair_a[q], pair_b[q]
+            for r in range(r0, r1):
+                sa, ea = starts[r - r0, a], starts[r - r0, a + 1]
+                if a == b:
+                    for j in range(sa, ea):
+                        v = np.float64(data[j])
+                        sums[indices[j]] += v
+                        upper[indices[j], indices[j]] += v * v
+                _cross(data, indices, sa, ea, starts[r - r0, b], starts[r - r0, b + 1], upper,
+                       a == b)
     return upper, sums

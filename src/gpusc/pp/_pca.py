@@ -11,7 +11,7 @@ from anndata import AnnData
 
 from .._core.adata import check_not_empty, get_matrix
 from .._core.arrays import is_csc, is_sparse, placement, to_host, xp_of
-from .._kernels.gram import gram
+from .._kernels.gram import DenseRows, gram
 
 N_PCS = 50  # scanpy's settings.N_PCS
 CHUNK_SIZE = 6000  # AnnData.chunked_X's default chunk_size
@@ -64,8 +64,9 @@ def pca(
     ``zero_center=False`` a truncated SVD of the uncentred matrix (scanpy's TruncatedSVD).
 
     How: for up to ``GRAM_MAX_VARS`` (10,000) genes, XᵀX and the column sums in float64
-    (a tiled CUDA kernel for CSR on the device, a numba kernel on the host, BLAS/cuBLAS on
-    float64 row chunks for dense input), the covariance ``(XᵀX − n·μμᵀ)/(n−1)``, and its top
+    (device CSR: float64 row blocks of at most 64 MiB filled by a CUDA kernel and multiplied
+    on cuBLAS; host CSR: a numba kernel over the stored values; dense: BLAS/cuBLAS on float64
+    row chunks), the covariance ``(XᵀX − n·μμᵀ)/(n−1)``, and its top
     eigenvectors (``cupy.linalg.eigh`` / ``scipy.linalg.eigh``). Wider input, or
     ``svd_solver="randomized"``, uses a randomized subspace iteration (block size
     ``max(2·n_comps, n_comps+10)``, QR after every product, 4 to 50 power iterations until
@@ -81,12 +82,12 @@ def pca(
     ``svd_solver`` and ``random_state`` are ignored, as in scanpy. Backed AnnData is not
     supported.
 
-    Memory (on the device for device input): the n_vars² float64 Gram (and, on the device,
-    up to 1 GiB more of per-slice partial Grams when few output tiles cannot fill the GPU)
-    plus eigh's workspace (about another n_vars² float64); a CSR copy of CSC input; a copy of
-    the selected genes with ``mask_var``; float64 row chunks of at most 64 MiB; X_pca as
-    n_obs × n_comps float64. The randomized path needs no n_vars² matrix: n_obs × block and
-    n_vars × block float64. Sparse input is never densified.
+    Memory (on the device for device input): the n_vars² float64 Gram plus eigh's workspace
+    (about another n_vars² float64); a CSR copy of CSC input; a copy of the selected genes
+    with ``mask_var`` (not for device CSR: its row blocks skip the other genes); float64 row
+    chunks of at most 64 MiB; X_pca as n_obs × n_comps float64. The randomized path needs
+    no n_vars² matrix: n_obs × block and n_vars × block float64. Sparse input is never
+    densified whole.
 
     Parameters
     ----------
@@ -161,6 +162,7 @@ def pca(
     x = data if adata is None else get_matrix(adata, layer=layer, obsm=obsm, func=func)
     placement(x)
     check_not_empty(x, func)
+    source_dtype = x.dtype  # the output dtypes follow it (a device CSR is read as float64 blocks)
     if mask is not None:
         if not mask.any():
             raise ValueError(f"{func}: mask_var selects no genes")
@@ -189,7 +191,7 @@ def pca(
 
     fit = _fit(x, n_comps, zero_center=zero_center or chunked, solver=solver,
                chunk_size=int(chunk_size) if chunked else None, random_state=random_state)
-    out_dtype = np.dtype(np.float64) if chunked or x.dtype != np.float32 else np.dtype(np.float32)
+    out_dtype = np.dtype(np.float64) if chunked or source_dtype != np.float32 else np.dtype(np.float32)
     components = fit.components.astype(out_dtype)
     variance = fit.variance.astype(out_dtype)
     variance_ratio = fit.variance_ratio.astype(out_dtype)
@@ -279,6 +281,8 @@ def _select_columns(x, mask: np.ndarray):
         return x
     cols = np.flatnonzero(mask)
     if placement(x) == "device":
+        if is_sparse(x):
+            return DenseRows(x.tocsr() if is_csc(x) else x, cols)  # a column map, no copy
         import cupy as cp
 
         cols = cp.asarray(cols)
@@ -317,6 +321,8 @@ def _fit(x, n_comps: int, *, zero_center: bool, solver: str, chunk_size: int | N
     xp = xp_of(x)
     if is_csc(x):
         x = x.tocsr()  # rows are sliced below; one CSR copy
+    if placement(x) == "device" and is_sparse(x):
+        x = DenseRows(x)  # every product below becomes a dense cuBLAS one, a row block at a time
     if x.dtype.kind != "f":
         x = x.astype(np.float64)
     n_obs, n_vars = x.shape

@@ -201,11 +201,12 @@ def _moments_rows_host(data, indices, indptr, n_cols, rows, chunk_start, chunk_b
     # three sums sit side by side ([chunk, gene, 0:3]) so one cache line serves one value.
     dense = indptr.size == 0
     n_chunks = chunk_batch.size
-    part = np.zeros((n_chunks, n_cols, 3))
+    part = np.empty((n_chunks, n_cols, 3))  # zeroed by the chunk's own thread (first touch)
     v_min = np.full(max(n_chunks, 1), np.inf)
     v_sum = np.zeros(max(n_chunks, 1))
     flags = np.zeros(max(n_chunks, 1), np.int64)
     for k in numba.prange(n_chunks):
+        part[k] = 0.0
         b = chunk_batch[k]
         bad = 0
         lowest = np.inf

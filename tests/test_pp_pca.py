@@ -480,6 +480,32 @@ def test_device_dense_rows_kernel(index_dtype):
     np.testing.assert_array_equal(blocks[100:2900].get(), DenseRows(x, keep)[100:2900])
 
 
+def test_cuml_solver_needs_dense_device_input(pbmc):
+    adata = pbmc.copy()
+    before = adata.copy()
+    with pytest.raises(ValueError, match="svd_solver='cuml' takes dense device input"):
+        rsc.pp.pca(adata, 10, svd_solver="cuml")
+    assert_unchanged(adata, before)
+
+
+@pytest.mark.gpu
+def test_device_cuml_solver(pbmc):
+    adata = pbmc[:, pbmc.var["highly_variable"].to_numpy()].copy()
+    quiet_scanpy(sc.pp.scale, adata, max_value=10)
+    ref = adata.copy()
+    quiet_scanpy(sc.pp.pca, ref)
+    dev = adata.copy()
+    dev.X = to_device(dev.X)
+    try:
+        import cuml  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="needs cuML"):
+            rsc.pp.pca(dev, svd_solver="cuml")
+        return
+    rsc.pp.pca(dev, svd_solver="cuml")
+    assert_pca_close(info(ref), info(dev))
+
+
 @pytest.mark.gpu
 def test_device_peak_memory_sparse():
     """Sparse input is never densified: the peak stays near n_vars² doubles, not n_obs × n_vars."""

@@ -27,7 +27,7 @@ RITZ_RTOL = 1e-10
 PROJECT_CHUNK_BYTES = 64 << 20  # float64 row chunk of X converted at a time
 
 _EXACT = frozenset({"auto", "full", "arpack", "covariance_eigh", "lobpcg"})
-_SOLVERS = _EXACT | {"randomized"}
+_SOLVERS = _EXACT | {"randomized", "cuml"}
 
 
 class _Empty:
@@ -73,7 +73,9 @@ def pca(
     the singular value estimates settle) on products X·V and Xᵀ·U with
     the centring applied implicitly; the centred matrix is never formed. ``"arpack"``,
     ``"full"``, ``"auto"``, ``"covariance_eigh"`` (and ``None``) take the exact path; other
-    names warn and are ignored, as in scanpy. Results follow scikit-learn's sign convention
+    names warn and are ignored, as in scanpy. ``"cuml"`` (a gpusc extension, not a scanpy
+    name) hands dense device input to cuML's PCA (the ``rapids-cu13``/``rapids-cu12`` extra;
+    centred, not chunked); its numbers come from cuML. Results follow scikit-learn's sign convention
     (the largest loading of each component is positive). Deterministic: the same input and
     ``random_state`` give the same result on the same device.
 
@@ -145,6 +147,8 @@ def pca(
         A missing layer or obsm key.
     NotImplementedError
         ``chunked`` with ``layer`` or ``obsm``.
+    ImportError
+        ``svd_solver="cuml"`` without cuML installed.
     """
     func = "pca"
     if (layer is not None or obsm is not None) and chunked:
@@ -184,6 +188,9 @@ def pca(
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 1:
             raise ValueError(f"{func}: chunk_size={chunk_size!r} must be a positive integer")
     solver = _solver(svd_solver, n_vars, chunked)
+    if solver == "cuml" and (placement(x) != "device" or is_sparse(x) or not zero_center or chunked):
+        raise ValueError(f"{func}: svd_solver='cuml' takes dense device input with zero_center=True "
+                         "and chunked=False; leave svd_solver unset for gpusc's own solvers")
     if not _all_finite(x):
         where = f"layer {layer!r}" if layer else f"obsm {obsm!r}" if obsm else "adata.X" if adata else "the matrix"
         raise ValueError(f"{func}: {where} contains NaN or inf; PCA needs finite values "
@@ -264,11 +271,13 @@ def _handle_mask_var(adata, n_vars, mask_var, *, obsm, use_highly_variable):
 
 
 def _solver(svd_solver, n_vars: int, chunked: bool) -> str:
-    """``"gram"`` or ``"randomized"``."""
+    """``"gram"``, ``"randomized"`` or ``"cuml"``."""
     if svd_solver is not None and svd_solver not in _SOLVERS:
         warnings.warn(f"Ignoring svd_solver={svd_solver!r}: gpusc's pca supports {sorted(_SOLVERS)}",
                       UserWarning, stacklevel=3)
         svd_solver = None
+    if svd_solver == "cuml":
+        return "cuml"
     if chunked or svd_solver == "covariance_eigh":
         return "gram"
     if svd_solver == "randomized" or n_vars > GRAM_MAX_VARS:
@@ -318,6 +327,8 @@ class _Fit:
 
 def _fit(x, n_comps: int, *, zero_center: bool, solver: str, chunk_size: int | None, random_state) -> _Fit:
     """PCA (or truncated SVD) of a cells × genes matrix; arrays only."""
+    if solver == "cuml":
+        return _fit_cuml(x, n_comps)
     xp = xp_of(x)
     if is_csc(x):
         x = x.tocsr()  # rows are sliced below; one CSR copy
@@ -356,6 +367,25 @@ def _fit(x, n_comps: int, *, zero_center: bool, solver: str, chunk_size: int | N
         total_var = (sum_squares - n_obs * mean_sq) / n_obs
         variance = to_host(x_pca.var(axis=0))
     return _Fit(components, variance, variance / total_var, x_pca)
+
+
+def _fit_cuml(x, n_comps: int) -> _Fit:
+    """cuML's PCA of dense device input (imported here: an optional dependency)."""
+    try:
+        from cuml.decomposition import PCA
+    except ImportError as exc:
+        raise ImportError("pca: svd_solver='cuml' needs cuML; install gpusc[rapids-cu13] (or "
+                          "rapids-cu12), or leave svd_solver unset") from exc
+    import cupy as cp
+
+    model = PCA(n_components=n_comps, svd_solver="full", output_type="cupy")
+    x_pca = cp.asarray(model.fit_transform(x), dtype=np.float64)
+    components = to_host(cp.asarray(model.components_, dtype=np.float64))
+    signs = _flip_signs(components)  # cuML's own signs are not scikit-learn's
+    components *= signs[:, None]
+    x_pca *= cp.asarray(signs)[None, :]
+    return _Fit(components, to_host(cp.asarray(model.explained_variance_, dtype=np.float64)),
+                to_host(cp.asarray(model.explained_variance_ratio_, dtype=np.float64)), x_pca)
 
 
 def _gram(x, chunk_size):

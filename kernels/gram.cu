@@ -1,8 +1,9 @@
 // Dense float64 row blocks of a CSR matrix, for pca's Gram matrix and projections.
 //
-// The device Gram XᵀX is a cuBLAS DGEMM over these blocks: at the density of
-// log-normalised HVG data (~10%) the FP64 tensor cores of a dense product beat every
-// sparse formulation, and the block costs one write and one read of memory. The block
+// The device Gram XᵀX is a cuBLAS DGEMM over these blocks: at the ~10% density of
+// log-normalised HVG data the FP64 tensor cores of a dense product should beat a sparse
+// formulation (an estimate, not yet measured), and a block costs one write and one read
+// of memory. The block
 // is zeroed by the caller; duplicate entries are summed by the caller first (canonical
 // CSR), so every output element is written by at most one thread: deterministic.
 

@@ -5,8 +5,9 @@ and deterministic (partial results summed in an order fixed by the shape):
 
 - host CSR: a numba kernel over the stored values only (gene blocks in parallel);
 - device CSR: :class:`DenseRows` turns row blocks into dense float64 blocks on the device
-  (kernels/gram.cu) and cuBLAS multiplies them (DGEMM; FP64 tensor cores on sm_80+), which
-  beats any sparse kernel at the density of log-normalised HVG data;
+  (kernels/gram.cu) and cuBLAS multiplies them (DGEMM, which runs on the FP64 tensor cores
+  of sm_80+): at the ~10% density of log-normalised HVG data the dense FLOPs cost less than
+  the scattered accesses of a sparse kernel (by estimate: not yet measured on a GPU);
 - dense: BLAS/cuBLAS on float64 row chunks; CSC: through one CSR copy.
 """
 
@@ -88,9 +89,8 @@ class DenseRows:
     ``(b - a) × len(columns)`` float64 array where the matrix lives: a CUDA kernel fills it
     on the device (kernels/gram.cu's csr_rows_to_dense), a numba twin on the host. pca
     reads device CSR input this way so that every product is a dense cuBLAS one, and a
-    gene mask costs an index map instead of a column-selected copy of the matrix (whose
-    cupyx indexing also needs int32 indices; this works with int64 ones, past 2^31 stored
-    values). Duplicate entries are summed first (one copy), as everywhere in gpusc.
+    gene mask costs an index map instead of a column-selected copy of the matrix (int32 and
+    int64 indices alike). Duplicate entries are summed first (one copy), as everywhere in gpusc.
     """
 
     def __init__(self, x, columns: np.ndarray | None = None):

@@ -290,8 +290,10 @@ def _select_columns(x, mask: np.ndarray):
         return x
     cols = np.flatnonzero(mask)
     if placement(x) == "device":
-        if is_sparse(x):
-            return DenseRows(x.tocsr() if is_csc(x) else x, cols)  # a column map, no copy
+        if is_sparse(x) and cols.size <= GRAM_MAX_VARS:
+            # a column map instead of a copy; dense row blocks of at most GRAM_MAX_VARS genes
+            # make every product a cuBLAS one (wider input stays sparse for cuSPARSE)
+            return DenseRows(x.tocsr() if is_csc(x) else x, cols)
         import cupy as cp
 
         cols = cp.asarray(cols)
@@ -332,7 +334,7 @@ def _fit(x, n_comps: int, *, zero_center: bool, solver: str, chunk_size: int | N
     xp = xp_of(x)
     if is_csc(x):
         x = x.tocsr()  # rows are sliced below; one CSR copy
-    if placement(x) == "device" and is_sparse(x):
+    if placement(x) == "device" and is_sparse(x) and x.shape[1] <= GRAM_MAX_VARS:
         x = DenseRows(x)  # every product below becomes a dense cuBLAS one, a row block at a time
     if x.dtype.kind != "f":
         x = x.astype(np.float64)

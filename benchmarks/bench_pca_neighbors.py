@@ -1,0 +1,146 @@
+"""Issue 5's steps, gpusc against scanpy 1.12: PCA on sparse and dense input, the kNN graph.
+
+50,000 cells model-drawn from pbmc3k (gpusc.datasets.resample, groupby seurat_cell_type),
+filter_genes(min_cells=3), normalize_total, log1p, highly_variable_genes(n_top_genes=2000).
+Per step: one warm-up call each, then the best of --repeats on fresh copies (copies and
+transfers not timed; on the GPU the step ends with a device synchronisation). Steps:
+  pca_sparse_masked   log1p CSR of all genes, var['highly_variable'] set: pca() (50 comps)
+  pca_sparse_hvg      log1p CSR of the 2,000 genes: pca()
+  pca_dense_scaled    the 2,000 genes after scale(max_value=10), dense: pca()
+  neighbors           X_pca (50) from scanpy's pca of the scaled data: neighbors() (k=15);
+                      gpusc's is exact brute force, scanpy's pynndescent: both timed, and
+                      each kNN's recall against scikit-learn's exact search is recorded.
+
+    python benchmarks/bench_pca_neighbors.py [--cells 50000] [--repeats 3] [--device cpu|gpu] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import scanpy as sc
+
+import gpusc
+from gpusc._bench import git_state, load_average, machine, synchronize, versions
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("GPUSC_DATA", ROOT / ".." / "shared" / "data")) / "pbmc3k_counts_labeled.h5ad"
+K = 15
+
+
+def best_of(fn, make_input, repeats: int, on_gpu: bool) -> list[float]:
+    fn(make_input())  # warm-up: numba compilation, kernel compilation, caches
+    synchronize(on_gpu)
+    times = []
+    for _ in range(repeats):
+        a = make_input()
+        synchronize(on_gpu)
+        start = time.perf_counter()
+        fn(a)
+        synchronize(on_gpu)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def knn_indices(adata) -> list[np.ndarray]:
+    """Each cell's neighbours in obsp['distances'] (scanpy keeps K - 1 or so per row: self and
+    zero distances are dropped, so the count varies)."""
+    d = adata.obsp["distances"].tocsr()
+    return [d.indices[d.indptr[i]:d.indptr[i + 1]] for i in range(adata.n_obs)]
+
+
+def recall(found: list[np.ndarray], exact: np.ndarray) -> float:
+    """Share of each cell's K - 1 exact neighbours (self excluded) that were found."""
+    hits = sum(np.intersect1d(f, e).size for f, e in zip(found, exact, strict=True))
+    return hits / exact.size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cells", type=int, default=50_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    on_gpu = args.device == "gpu"
+    out = args.out or ROOT / f"benchmarks/results/{args.device}-dev-pca-neighbors-{args.cells // 1000}k.json"
+
+    logged = gpusc.datasets.resample(ad.read_h5ad(DATA), args.cells, groupby="seurat_cell_type", seed=0)
+    sc.pp.filter_genes(logged, min_cells=3)
+    sc.pp.normalize_total(logged)
+    sc.pp.log1p(logged)
+    sc.pp.highly_variable_genes(logged, n_top_genes=2000)
+    hvg = logged[:, logged.var["highly_variable"].to_numpy()].copy()
+    del hvg.var["highly_variable"]  # no mask: the whole matrix is used
+    scaled = hvg.copy()
+    sc.pp.scale(scaled, max_value=10)
+    embedded = scaled.copy()
+    sc.pp.pca(embedded)
+    embedded = ad.AnnData(obs=embedded.obs[[]], obsm={"X_pca": embedded.obsm["X_pca"]})
+
+    def on(lib: str, data: ad.AnnData):
+        def make():
+            a = data.copy()
+            if lib == "gpusc" and on_gpu:
+                gpusc.get.anndata_to_GPU(a)
+            return a
+        return make
+
+    steps = {
+        "pca_sparse_masked": (logged, lambda m: m.pca),
+        "pca_sparse_hvg": (hvg, lambda m: m.pca),
+        "pca_dense_scaled": (scaled, lambda m: m.pca),
+        "neighbors": (embedded, lambda m: (lambda a: m.neighbors(a, n_neighbors=K, use_rep="X_pca"))),
+    }
+    libraries = {"scanpy": sc.pp, "gpusc": gpusc.pp}
+    load_before = load_average()
+    rows = []
+    for name, (data, call) in steps.items():
+        shape = data.obsm["X_pca"].shape if name == "neighbors" else data.shape
+        row = {"step": name, "shape": list(shape)}
+        for lib, module in libraries.items():
+            times = best_of(call(module), on(lib, data), args.repeats, on_gpu and lib == "gpusc")
+            row[lib] = {"seconds": times, "best": min(times)}
+        row["speedup"] = row["scanpy"]["best"] / row["gpusc"]["best"]
+        rows.append(row)
+        print(f"{name:18s} scanpy {row['scanpy']['best']:8.3f} s  gpusc {row['gpusc']['best']:8.3f} s  "
+              f"{row['speedup']:5.2f}x", flush=True)
+
+    from sklearn.neighbors import NearestNeighbors
+
+    x_pca = embedded.obsm["X_pca"]
+    exact = NearestNeighbors(n_neighbors=K).fit(x_pca).kneighbors(return_distance=False)[:, : K - 1]
+    quality = {}
+    for lib, module in libraries.items():
+        a = embedded.copy()
+        module.neighbors(a, n_neighbors=K, use_rep="X_pca")
+        quality[f"{lib}_recall_vs_exact"] = recall(knn_indices(a), exact)
+    rows[-1].update(quality)
+    print("neighbors recall vs exact:", quality)
+
+    record = {
+        "benchmark": "pca-neighbors", "device": args.device, "machine": machine(on_gpu),
+        "versions": versions(), "git": git_state(), "repeats": args.repeats,
+        "load_average_before": load_before, "load_average_after": load_average(),
+        "data": {"description": f"{args.cells:,} cells model-drawn (gpusc.datasets.resample) from pbmc3k, "
+                                "groupby seurat_cell_type, seed 0; filter_genes(min_cells=3), "
+                                "normalize_total, log1p, highly_variable_genes(n_top_genes=2000)",
+                 "shape": list(logged.shape), "nnz_hvg": int(hvg.X.nnz)},
+        "method": "one warm-up call each, then the best of repeats on fresh copies; copies and "
+                  "host-to-device transfers not timed; recall: the K-1 neighbours in obsp['distances'] "
+                  "against scikit-learn's exact NearestNeighbors on the same X_pca",
+        "steps": rows,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU benchmarks committed in benchmarks/results/ (dev box: 2 cores, shared; see docs/benchmarks.md).
 # Run from the repository root with gpusc and its bench extra installed (make venv).
-# Usage: bash benchmarks/run_cpu.sh [pipeline|sweep|synthetic|all]   (default all)
+# Usage: bash benchmarks/run_cpu.sh [pipeline|sweep|features|pca|synthetic|all]   (default all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPUSC=${GPUSC:-gpusc}
@@ -20,6 +20,14 @@ if [[ $what == sweep || $what == all ]]; then
   "$GPUSC" bench --device cpu --cells 10000,50000,100000,200000 --data "$DATA" --groupby seurat_cell_type \
     --steps qc,filter_cells,filter_genes,normalize,log1p,hvg,filter_hv,scale --repeats 3 \
     --out "$OUT" --name cpu-dev-sweep-preprocess
+fi
+if [[ $what == features || $what == all ]]; then
+  # HVG flavors, Pearson residuals, regress_out (issue 4's steps outside the pipeline)
+  "$PYTHON" benchmarks/bench_feature_selection.py --repeats 5 --out "$OUT/cpu-dev-feature-selection-50k.json"
+fi
+if [[ $what == pca || $what == all ]]; then
+  # sparse and dense pca, neighbors with recall against exact search
+  "$PYTHON" benchmarks/bench_pca_neighbors.py --repeats 3 --out "$OUT/cpu-dev-pca-neighbors-50k.json"
 fi
 if [[ $what == synthetic || $what == all ]]; then
   "$PYTHON" benchmarks/time_synthetic.py --out "$OUT/cpu-dev-synthetic-200k.json"

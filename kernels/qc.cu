@@ -102,8 +102,10 @@ __device__ __forceinline__ void row_top_values(const Rows& rows, long long b, lo
 }
 
 // One block per row; threads stride the row's values. Row sums, non-zero counts and qc_var
-// sums reduce in a fixed tree (deterministic); per-gene sums and counts are atomics into
-// global memory (exact, so deterministic, while values are integers below 2^53).
+// sums reduce in a fixed tree (deterministic). Per-gene counts are integer atomics (exact);
+// per-gene sums are double atomics, exact and so deterministic only while the values are
+// integers below 2^53: for other data the caller passes col_total = nullptr and sums the
+// genes in a fixed order itself.
 template <typename T, class Rows>
 __device__ __forceinline__ void qc_row(const Rows& rows, long long row, const unsigned* qc_bits, int n_qc,
                        const int* ns, int n_ns, int top_n, int cap, double* row_total,
@@ -126,10 +128,8 @@ __device__ __forceinline__ void qc_row(const Rows& rows, long long row, const un
         total += (double)v;
         if (v != T(0)) {
             ++nnz;
-            if (col_total != nullptr) {
-                atomicAdd(&col_total[col], (double)v);
-                atomicAdd(&col_nnz[col], 1ull);
-            }
+            if (col_nnz != nullptr) atomicAdd(&col_nnz[col], 1ull);
+            if (col_total != nullptr) atomicAdd(&col_total[col], (double)v);
         }
         if (n_qc > 0) {
             const unsigned bits = qc_bits[col];

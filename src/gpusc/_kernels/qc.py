@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import singledispatch
+from functools import cache, singledispatch
 
 import numba
 import numpy as np
 from fast_array_utils import types
 
 from .._core import cuda
-from .._core.arrays import canonical
+from .._core.arrays import canonical, to_host
+from .hvg import gene_moments
 
 QC_VARS_PER_PASS = 4  # kernels/qc.cu's QC_VARS_PER_PASS
 BLOCK = 256
@@ -46,6 +47,9 @@ def qc_stats(x, qc_masks: np.ndarray, ns: np.ndarray, *, per_gene: bool = True) 
     and negative values are reported in the flags, not raised, so the caller decides.
     ``per_gene=False`` skips the per-gene sums (left zero), which cost a scattered write
     (on the device an atomic) per stored value, when only per-cell numbers are wanted.
+    Deterministic on both sides: on the device the per-gene sums are atomics only for
+    integer-valued data (exact); other data gets them from ``hvg.gene_moments``'s fixed-order
+    pass instead (for CSR a CSC copy: 2x the matrix at peak).
     """
     raise TypeError(f"qc_stats: unsupported array type {type(x)}")
 
@@ -87,6 +91,8 @@ def _(x, qc_masks, ns, *, per_gene=True):
         x = canonical(x)
         name = cuda.template_name("qc_csr", x.dtype, x.indices.dtype)
         matrix_args = (x.data, x.indices, x.indptr, np.int64(n_rows))
+    # double atomics add in a racing order: exact (so deterministic) only for integer values
+    gene_atomics = per_gene and not bool(_any_noninteger()(x if dense else x.data))  # synchronize!
     kernel = cuda.get_kernel("qc", NAME_EXPRESSIONS, name)
 
     top_n = int(ns[-1]) if ns.size else 0
@@ -115,16 +121,27 @@ def _(x, qc_masks, ns, *, per_gene=True):
             np.int32(max(group_n_qc, 0)), ns_dev, np.int32(ns.size if first else 0),
             np.int32(top_n), np.int32(cap),
             row_total if first else null, row_nnz if first else null, row_qc[g], row_top,
-            col_total if first and per_gene else null,
+            col_total if first and gene_atomics else null,
             col_nnz if first and per_gene else null, flags,
         ), shared_mem=shared if first else 0)
     row_qc = row_qc.transpose(1, 0, 2).reshape(n_rows, -1)[:, :n_qc]
     flag = int(flags.get()[0])  # synchronize!
+    if per_gene and not gene_atomics:
+        col_total = gene_moments(x, count_positive=False).sum[0]  # fixed order, on the host
     return QCStats(
         row_total.get(), row_nnz.get(), row_qc.get(), row_top[:, : ns.size].get(),
-        col_total.get(), col_nnz.get().astype(np.int64),
+        to_host(col_total), col_nnz.get().astype(np.int64),
         nonfinite=bool(flag & 1), negative=bool(flag & 2),
     )
+
+
+@cache
+def _any_noninteger():
+    """A cupy reduction: does any value have a fractional part (NaN counts as one)?"""
+    import cupy as cp
+
+    return cp.ReductionKernel("T x", "bool y", "x != trunc(x)", "a || b", "y = a", "false",
+                              "gpusc_any_noninteger")
 
 
 def _ns(ns) -> np.ndarray:

@@ -168,11 +168,7 @@ def _cluster(func, adata, resolution, *, restrict_to, random_state, key_added, a
         labels = _gpu_partition(func, sub, r, random_state, use_weights, n_iterations)
         labels = _by_size(labels)
         if func == "leiden":
-            if flavor == "igraph":
-                q = modularity(sub, labels, resolution=1.0 if r is None else r,
-                               weighted=use_weights)
-            else:  # leidenalg's partition.modularity: unweighted, resolution 1
-                q = modularity(sub, labels, weighted=False)
+            q = _leiden_modularity(sub, labels, flavor, r, use_weights)
             params = dict(resolution=r, random_state=random_state, n_iterations=n_iterations)
         else:
             q = modularity(sub, labels, weighted=use_weights)
@@ -189,10 +185,19 @@ def _run_scanpy(func, adata, graph, resolutions, keys, restrict_to, random_state
     mask = None if restrict_to is None else _restrict_mask(adata, restrict_to, func)
     for r, key in zip(resolutions, keys, strict=True):
         if func == "leiden":
+            # flavor=None is scanpy 1.12's default; scanpy 1.11 (Python 3.11) rejects it
+            chosen = {} if flavor is None else {"flavor": flavor}
             sc.tl.leiden(adata, resolution=r, restrict_to=restrict_to, random_state=random_state,
                          key_added=key, adjacency=graph, directed=directed,
                          use_weights=use_weights, n_iterations=n_iterations,
-                         partition_type=partition_type, flavor=flavor, **extra)
+                         partition_type=partition_type, **chosen, **extra)
+            if "modularity" not in adata.uns[key]:  # scanpy < 1.12 does not record it
+                labels = adata.obs[key].cat.codes.to_numpy()
+                sub = graph
+                if mask is not None:
+                    sub, labels = graph[mask][:, mask], labels[mask]
+                adata.uns[key]["modularity"] = float(
+                    _leiden_modularity(sub, labels, flavor or "leidenalg", r, use_weights))
         else:
             with warnings.catch_warnings():  # scanpy deprecates its louvain; ours is not
                 warnings.filterwarnings("ignore", message=r".*[Ll]ouvain.*deprecated.*")
@@ -206,6 +211,14 @@ def _run_scanpy(func, adata, graph, resolutions, keys, restrict_to, random_state
             if mask is not None:
                 sub, labels = graph[mask][:, mask], labels[mask]
             adata.uns[key]["modularity"] = float(modularity(sub, labels, weighted=use_weights))
+
+
+def _leiden_modularity(graph, labels, flavor, resolution, use_weights) -> float:
+    """The modularity scanpy 1.12's leiden records for ``flavor``."""
+    if flavor == "igraph":
+        return modularity(graph, labels, resolution=1.0 if resolution is None else resolution,
+                          weighted=use_weights)
+    return modularity(graph, labels, weighted=False)  # leidenalg's: unweighted, resolution 1
 
 
 def _keys(func, resolution, key_added, restricted):

@@ -19,6 +19,7 @@ import scanpy as sc
 from scipy import sparse
 
 import gpusc
+from _compare import to_host
 from conftest import read_real, synthetic_counts, tolerance
 from gpusc._core.arrays import placement
 from gpusc._kernels.hvg import HVG_CLIP, HVG_EXPM1, HVG_IDENTITY, gene_moments
@@ -26,10 +27,6 @@ from gpusc._kernels.hvg import HVG_CLIP, HVG_EXPM1, HVG_IDENTITY, gene_moments
 # Batched seurat_v3: scanpy-vs-scanpy spread on kang2018 (dense vs CSR) is 2.4e-3 and 6/1000.
 V3_BATCHED_RTOL = 2e-2
 V3_BATCHED_MAX_SET_DIFF = 0.02  # fraction of n_top_genes
-
-
-def _host(x):
-    return x.get() if type(x).__module__.startswith(("cupy", "cupyx")) else x
 
 
 def _quiet(func, *args, **kwargs):
@@ -198,7 +195,7 @@ def test_seurat_v3_synthetic(array_type, dtype, flavor):
     _quiet(sc.pp.highly_variable_genes, ref, flavor=flavor, n_top_genes=40)
     gpusc.pp.highly_variable_genes(test, flavor=flavor, n_top_genes=40)
     assert_var_like_scanpy(test, ref, dtype)
-    assert isinstance(_host(test.X), type(_host(array_type(x))))  # the matrix is not replaced
+    assert isinstance(to_host(test.X), type(to_host(array_type(x))))  # the matrix is not replaced
 
 
 @pytest.mark.parametrize("flavor", ["seurat_v3", "seurat_v3_paper"])

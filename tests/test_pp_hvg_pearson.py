@@ -22,6 +22,7 @@ import scanpy as sc
 from scipy import sparse
 
 import gpusc
+from _compare import to_host
 from conftest import read_real, synthetic_counts
 from gpusc._kernels.hvg import gene_moments, pearson_residual_sums
 
@@ -60,10 +61,6 @@ def _adata(x, batches=None):
     if batches is not None:
         obs["batch"] = batches
     return ad.AnnData(x, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(n_vars)]))
-
-
-def _host(x):
-    return x.get() if type(x).__module__.startswith(("cupy", "cupyx")) else x
 
 
 # ---------------------------------------------------------------- real data
@@ -136,7 +133,7 @@ def test_synthetic_every_type(array_type, dtype):
         test = _adata(array_type(x.copy()), batches)
         got = _ours(test, n_top_genes=n_top, batch_key=batch_key)
         assert_same(got, expected)
-        after = _host(test.X)
+        after = to_host(test.X)
         np.testing.assert_array_equal(after.toarray() if sparse.issparse(after) else after, x)
 
 

@@ -27,6 +27,7 @@ import pytest
 from scipy import sparse
 
 import gpusc
+from _compare import dense, to_host
 from conftest import read_real, synthetic_counts
 from gpusc._kernels.hvg import poisson_expected_zeros
 
@@ -94,15 +95,6 @@ def _adata(x, batches=None):
     return ad.AnnData(x, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(n_vars)]))
 
 
-def _host(x):
-    return x.get() if type(x).__module__.startswith(("cupy", "cupyx")) else x
-
-
-def _dense(x):
-    x = _host(x)
-    return x.toarray() if sparse.issparse(x) else np.asarray(x)
-
-
 # ---------------------------------------------------------------- real data
 
 @pytest.fixture(scope="module")
@@ -166,7 +158,7 @@ def test_synthetic_every_type(array_type, dtype):
             expected = expected.drop(columns="prob_zero_enriched_nbatches")
         test = _adata(array_type(x.copy()), batches)
         assert_same(_ours(test, n_top_genes=n_top, batch_key=batch_key), expected)
-        np.testing.assert_array_equal(_dense(test.X), x)  # the input is left as it was
+        np.testing.assert_array_equal(dense(test.X), x)  # the input is left as it was
 
 
 def test_n_top_genes_above_n_vars_selects_all_like_scvi():
@@ -268,7 +260,7 @@ def _assert_unchanged(adata, before):
     assert adata.var.equals(before.var) and list(adata.var.columns) == list(before.var.columns)
     assert set(adata.uns) == set(before.uns)
     assert adata.shape == before.shape
-    np.testing.assert_array_equal(_dense(adata.X), _dense(before.X))
+    np.testing.assert_array_equal(dense(adata.X), dense(before.X))
 
 
 def _bad(kind):

@@ -11,16 +11,8 @@ import scanpy as sc
 from scipy import sparse
 
 import gpusc
+from _compare import dense, to_host
 from conftest import read_real, synthetic_counts, tolerance
-
-
-def _host(x):
-    return x.get() if type(x).__module__.split(".")[0] in {"cupy", "cupyx"} else x
-
-
-def _dense(x):
-    x = _host(x)
-    return x.toarray() if sparse.issparse(x) else np.asarray(x)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +39,7 @@ def test_pearson_matches_scanpy(counts, array_type, dtype, theta, clip):
     expected = _scanpy(x, theta=theta, clip=clip)
     adata = ad.AnnData(array_type(x))
     assert gpusc.pp.normalize_pearson_residuals(adata, theta=theta, clip=clip) is None
-    got = _host(adata.X)
+    got = to_host(adata.X)
     assert isinstance(got, np.ndarray)
     assert got.dtype == expected["X"].dtype
     np.testing.assert_allclose(got, expected["X"], equal_nan=True, **tolerance(dtype))
@@ -61,11 +53,11 @@ def test_pearson_inplace_false_copy_layer(host_type):
     result = gpusc.pp.normalize_pearson_residuals(adata, layer="counts", inplace=False)
     np.testing.assert_allclose(result["X"], expected, equal_nan=True, **tolerance(np.float32))
     assert result["computed_on"] == "counts" and result["theta"] == 100 and result["clip"] is None
-    np.testing.assert_array_equal(_dense(adata.layers["counts"]), x)  # untouched
+    np.testing.assert_array_equal(dense(adata.layers["counts"]), x)  # untouched
     assert "pearson_residuals_normalization" not in adata.uns
     new = gpusc.pp.normalize_pearson_residuals(adata, layer="counts", copy=True)
     np.testing.assert_allclose(new.layers["counts"], expected, equal_nan=True, **tolerance(np.float32))
-    np.testing.assert_array_equal(_dense(adata.layers["counts"]), x)
+    np.testing.assert_array_equal(dense(adata.layers["counts"]), x)
     with pytest.raises(ValueError, match="copy=True"):
         gpusc.pp.normalize_pearson_residuals(adata, copy=True, inplace=False)
 
@@ -102,6 +94,6 @@ def test_pearson_bad_input_leaves_adata_unchanged(host_type):
     bad = ad.AnnData(host_type(x.copy()))
     with pytest.raises(ValueError, match="NaN"):
         gpusc.pp.normalize_pearson_residuals(bad)
-    np.testing.assert_array_equal(_dense(bad.X), x)
-    np.testing.assert_array_equal(_dense(adata.X), synthetic_counts(60, 50))
+    np.testing.assert_array_equal(dense(bad.X), x)
+    np.testing.assert_array_equal(dense(adata.X), synthetic_counts(60, 50))
     assert not adata.uns and not bad.uns

@@ -12,16 +12,8 @@ import scanpy as sc
 from scipy import sparse
 
 import gpusc
+from _compare import dense, to_host
 from conftest import read_real, synthetic_counts, tolerance
-
-
-def _host(x):
-    return x.get() if type(x).__module__.split(".")[0] in {"cupy", "cupyx"} else x
-
-
-def _dense(x):
-    x = _host(x)
-    return x.toarray() if sparse.issparse(x) else np.asarray(x)
 
 
 def _real():
@@ -73,7 +65,7 @@ def test_regress_out_matches_scanpy(array_type, dtype, keys, name):
     expected = _oracle(name, dtype, keys)
     adata = _adata(name, dtype, array_type)
     assert gpusc.pp.regress_out(adata, keys) is None
-    got = _host(adata.X)
+    got = to_host(adata.X)
     assert isinstance(got, np.ndarray)
     assert got.dtype == expected.dtype
     np.testing.assert_allclose(got, expected, **tolerance(dtype))
@@ -94,21 +86,21 @@ def test_regress_out_integer_layer_and_copy():
 @pytest.mark.parametrize("kwargs", [dict(keys=["total", "nope"]), dict(keys="total", layer="missing")])
 def test_regress_out_missing_keys(host_type, kwargs):
     adata = _adata("synthetic", np.float32, host_type)
-    before = _dense(adata.X).copy()
+    before = dense(adata.X).copy()
     with pytest.raises(KeyError, match="nope|missing"):
         gpusc.pp.regress_out(adata, **kwargs)
-    np.testing.assert_array_equal(_dense(adata.X), before)
+    np.testing.assert_array_equal(dense(adata.X), before)
 
 
 def test_regress_out_bad_input_leaves_adata_unchanged(host_type):
     adata = _adata("synthetic", np.float32, host_type)
-    before = _dense(adata.X).copy()
+    before = dense(adata.X).copy()
     with pytest.raises(ValueError, match="only a single one"):
         gpusc.pp.regress_out(adata, ["louvain", "total"])
     adata.obs["label"] = [{"a": 1}] * adata.n_obs
     with pytest.raises(ValueError, match="label"):
         gpusc.pp.regress_out(adata, ["total", "label"])
-    np.testing.assert_array_equal(_dense(adata.X), before)
+    np.testing.assert_array_equal(dense(adata.X), before)
     x = before.copy()
     x[4, 7] = np.nan
     bad = ad.AnnData(host_type(x.copy()), obs=adata.obs)
@@ -116,4 +108,4 @@ def test_regress_out_bad_input_leaves_adata_unchanged(host_type):
         gpusc.pp.regress_out(bad, "total")
     with pytest.raises(ValueError, match="NaN"):
         gpusc.pp.regress_out(bad, "louvain")
-    np.testing.assert_array_equal(_dense(bad.X), x)
+    np.testing.assert_array_equal(dense(bad.X), x)

@@ -11,21 +11,13 @@ import scanpy as sc
 from scipy import sparse
 
 import gpusc
+from _compare import dense, to_host
 from conftest import read_real, synthetic_counts, tolerance
 from gpusc._kernels.scale import gene_moments, scale_csr_to_dense
 
 
-def _host(x):
-    return x.get() if type(x).__module__.split(".")[0] in {"cupy", "cupyx"} else x
-
-
-def _dense(x):
-    x = _host(x)
-    return x.toarray() if sparse.issparse(x) else np.asarray(x)
-
-
 def _kind(x):
-    x = _host(x)
+    x = to_host(x)
     return x.format if sparse.issparse(x) else "dense"
 
 
@@ -50,7 +42,7 @@ def _pair(x, array_type, dtype, seed=0):
     mask = np.random.default_rng(seed).random(x.shape[0]) < 0.6
     ours.obs["keep"] = mask
     theirs = ours.copy()
-    theirs.X = _host(theirs.X)
+    theirs.X = to_host(theirs.X)
     return ours, theirs, mask
 
 
@@ -66,8 +58,8 @@ def test_scale_matches_scanpy(matrix, array_type, dtype, zero_center, max_value,
         assert gpusc.pp.scale(ours, zero_center=zero_center, max_value=max_value, mask_obs=mask_obs) is None
     tol = tolerance(dtype)
     assert _kind(ours.X) == _kind(theirs.X)
-    assert _host(ours.X).dtype == theirs.X.dtype
-    np.testing.assert_allclose(_dense(ours.X), _dense(theirs.X), **tol)
+    assert to_host(ours.X).dtype == theirs.X.dtype
+    np.testing.assert_allclose(dense(ours.X), dense(theirs.X), **tol)
     assert list(ours.var.columns) == list(theirs.var.columns)
     for col in theirs.var.columns:
         assert ours.var[col].dtype == theirs.var[col].dtype
@@ -76,7 +68,7 @@ def test_scale_matches_scanpy(matrix, array_type, dtype, zero_center, max_value,
 
 def test_scale_sparse_centring_warns(array_type):
     x = array_type(synthetic_counts(50, 60))
-    if not sparse.issparse(_host(x)):
+    if not sparse.issparse(to_host(x)):
         pytest.skip("dense input does not densify")
     with pytest.warns(UserWarning, match="densifies"):
         gpusc.pp.scale(ad.AnnData(x))
@@ -85,14 +77,14 @@ def test_scale_sparse_centring_warns(array_type):
 @pytest.mark.parametrize("copy", [True, False])
 def test_scale_array_input_and_copy(host_type, copy):
     x = host_type(synthetic_counts(60, 50))
-    before = _dense(x).copy()
+    before = dense(x).copy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         expected = sc.pp.scale(host_type(before.copy()), max_value=3)
         got = gpusc.pp.scale(x, max_value=3, copy=copy)
-    np.testing.assert_allclose(_dense(got), _dense(expected), **tolerance(np.float32))
+    np.testing.assert_allclose(dense(got), dense(expected), **tolerance(np.float32))
     if copy:
-        np.testing.assert_array_equal(_dense(x), before)
+        np.testing.assert_array_equal(dense(x), before)
 
 
 def test_scale_integer_input_and_layer_and_copy():
@@ -108,10 +100,10 @@ def test_scale_integer_input_and_layer_and_copy():
 
 
 def _unchanged_after(adata, exc, match, **kwargs):
-    x_before, var_before = _dense(adata.X).copy(), adata.var.copy()
+    x_before, var_before = dense(adata.X).copy(), adata.var.copy()
     with pytest.raises(exc, match=match):
         gpusc.pp.scale(adata, **kwargs)
-    np.testing.assert_array_equal(_dense(adata.X), x_before)
+    np.testing.assert_array_equal(dense(adata.X), x_before)
     assert adata.var.equals(var_before)
 
 
@@ -158,10 +150,10 @@ def test_filter_highly_variable(array_type):
     adata.var["highly_variable"] = hv
     sub = gpusc.pp.filter_highly_variable(adata, copy=True)
     assert sub.n_vars == 3 and adata.n_vars == 20
-    np.testing.assert_array_equal(_dense(sub.X), x[:, hv])
+    np.testing.assert_array_equal(dense(sub.X), x[:, hv])
     assert gpusc.pp.filter_highly_variable(adata) is None
     assert list(adata.var_names) == list(sub.var_names)
-    np.testing.assert_array_equal(_dense(adata.X), x[:, hv])
+    np.testing.assert_array_equal(dense(adata.X), x[:, hv])
 
 
 def test_filter_highly_variable_needs_the_column():

@@ -16,46 +16,21 @@ with a device synchronisation). Steps and their inputs:
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import scanpy as sc
 
 import gpusc
-from gpusc._bench import git_state, load_average, machine, synchronize, versions
+from gpusc._bench import git_state, load_average, machine, versions
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("GPUSC_DATA", ROOT / ".." / "shared" / "data")) / "pbmc3k_counts_labeled.h5ad"
-
-
-def best_of(fn, make_input, repeats: int, on_gpu: bool = False) -> list[float]:
-    fn(make_input())  # warm-up: numba/NVRTC compilation, caches
-    synchronize(on_gpu)
-    times = []
-    for _ in range(repeats):
-        a = make_input()
-        synchronize(on_gpu)
-        start = time.perf_counter()
-        fn(a)
-        synchronize(on_gpu)
-        times.append(time.perf_counter() - start)
-    return times
+from _timing import DATA, best_of, fresh, parse_args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--cells", type=int, default=50_000)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-    on_gpu = args.device == "gpu"
-    out = args.out or ROOT / f"benchmarks/results/{args.device}-dev-feature-selection-{args.cells // 1000}k.json"
+    args, on_gpu, out = parse_args(__doc__, "feature-selection")
 
     counts = gpusc.datasets.resample(ad.read_h5ad(DATA), args.cells, groupby="seurat_cell_type", seed=0)
     counts.obs["half"] = np.where(np.arange(counts.n_obs) % 2 == 0, "a", "b")
@@ -83,18 +58,10 @@ def main() -> None:
     }
     load_before = load_average()
     rows = []
-    def make_input(lib: str, data: ad.AnnData):
-        def make():
-            a = data.copy()
-            if lib == "gpusc" and on_gpu:
-                gpusc.get.anndata_to_GPU(a)
-            return a
-        return make
-
     for name, (data, call) in steps.items():
         row = {"step": name}
         for lib, module_of in libraries.items():
-            times = best_of(call(module_of(name)), make_input(lib, data), args.repeats,
+            times = best_of(call(module_of(name)), fresh(lib, data, on_gpu), args.repeats,
                             on_gpu and lib == "gpusc")
             row[lib] = {"seconds": times, "best": min(times)}
         row["speedup"] = row["scanpy"]["best"] / row["gpusc"]["best"]

@@ -16,36 +16,19 @@ transfers not timed; on the GPU the step ends with a device synchronisation). St
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import scanpy as sc
 
 import gpusc
-from gpusc._bench import git_state, load_average, machine, synchronize, versions
+from gpusc._bench import git_state, load_average, machine, versions
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("GPUSC_DATA", ROOT / ".." / "shared" / "data")) / "pbmc3k_counts_labeled.h5ad"
+from _timing import DATA, best_of, fresh, parse_args
+
 K = 15
-
-
-def best_of(fn, make_input, repeats: int, on_gpu: bool) -> list[float]:
-    fn(make_input())  # warm-up: numba compilation, kernel compilation, caches
-    synchronize(on_gpu)
-    times = []
-    for _ in range(repeats):
-        a = make_input()
-        synchronize(on_gpu)
-        start = time.perf_counter()
-        fn(a)
-        synchronize(on_gpu)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def knn_indices(adata) -> list[np.ndarray]:
@@ -62,14 +45,7 @@ def recall(found: list[np.ndarray], exact: np.ndarray) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--cells", type=int, default=50_000)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-    on_gpu = args.device == "gpu"
-    out = args.out or ROOT / f"benchmarks/results/{args.device}-dev-pca-neighbors-{args.cells // 1000}k.json"
+    args, on_gpu, out = parse_args(__doc__, "pca-neighbors")
 
     logged = gpusc.datasets.resample(ad.read_h5ad(DATA), args.cells, groupby="seurat_cell_type", seed=0)
     sc.pp.filter_genes(logged, min_cells=3)
@@ -84,13 +60,6 @@ def main() -> None:
     sc.pp.pca(embedded)
     embedded = ad.AnnData(obs=embedded.obs[[]], obsm={"X_pca": embedded.obsm["X_pca"]})
 
-    def on(lib: str, data: ad.AnnData):
-        def make():
-            a = data.copy()
-            if lib == "gpusc" and on_gpu:
-                gpusc.get.anndata_to_GPU(a)
-            return a
-        return make
 
     steps = {
         "pca_sparse_masked": (logged, lambda m: m.pca),
@@ -105,7 +74,7 @@ def main() -> None:
         shape = data.obsm["X_pca"].shape if name == "neighbors" else data.shape
         row = {"step": name, "shape": list(shape)}
         for lib, module in libraries.items():
-            times = best_of(call(module), on(lib, data), args.repeats, on_gpu and lib == "gpusc")
+            times = best_of(call(module), fresh(lib, data, on_gpu), args.repeats, on_gpu and lib == "gpusc")
             row[lib] = {"seconds": times, "best": min(times)}
         row["speedup"] = row["scanpy"]["best"] / row["gpusc"]["best"]
         rows.append(row)

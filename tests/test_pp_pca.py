@@ -14,6 +14,7 @@ from scipy import sparse
 from threadpoolctl import threadpool_limits
 
 import gpusc as rsc
+from _compare import to_host
 from conftest import HOST_TYPES, read_real, synthetic_counts, to_device
 from gpusc._core.arrays import placement
 from gpusc._kernels.gram import DenseRows, gram
@@ -35,14 +36,10 @@ def quiet_scanpy(func, *args, **kwargs):
         return func(*args, **kwargs)
 
 
-def host(x):
-    return x.get() if hasattr(x, "get") else np.asarray(x)
-
-
 def assert_pca_close(ref, test, n=N_COSINE, *, ratio_atol=1e-4, x_rtol=1e-3):
     """ref/test: (X_pca, components (k × genes), variance_ratio, variance) from scanpy / gpusc."""
     x_ref, c_ref, r_ref, v_ref = (np.asarray(a, dtype=np.float64) for a in ref)
-    x_test, c_test, r_test, v_test = (np.asarray(host(a), dtype=np.float64) for a in test)
+    x_test, c_test, r_test, v_test = (np.asarray(to_host(a), dtype=np.float64) for a in test)
     assert x_test.shape == x_ref.shape and c_test.shape == c_ref.shape
     n = min(n, c_ref.shape[0])
     cos = np.abs(np.sum(c_ref[:n] * c_test[:n], axis=1)) / (
@@ -180,6 +177,13 @@ def test_dense_rows(index_dtype):
     for index in (3, slice(0, 10, 2)):
         with pytest.raises(TypeError, match="slice"):
             blocks[index]
+    assert blocks.all_finite()
+    left_out = np.flatnonzero(~np.isin(summed.indices, keep))[0]
+    kept = np.flatnonzero(np.isin(summed.indices, keep))[0]
+    for position, expected_finite in ((left_out, True), (kept, False)):
+        poisoned = summed.copy()
+        poisoned.data[position] = np.nan
+        assert DenseRows(poisoned, keep).all_finite() is expected_finite
     counts = DenseRows(sparse.csr_matrix(np.arange(12, dtype=np.int32).reshape(3, 4)), keep[keep < 4])
     np.testing.assert_array_equal(counts[0:3], np.arange(12.0).reshape(3, 4)[:, keep[keep < 4]])
 
@@ -226,8 +230,8 @@ def test_synthetic_array_types(array_type, dtype):
     test = rsc.pp.pca(array_type(x), 30, return_info=True)
     assert_pca_close(ref, test)
     for a, b in zip(ref, test, strict=True):
-        assert host(b).dtype == a.dtype
-    assert host(test[0]).shape == (x.shape[0], 30)
+        assert to_host(b).dtype == a.dtype
+    assert to_host(test[0]).shape == (x.shape[0], 30)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -106,6 +106,12 @@ class DenseRows:
         self.shape = (x.shape[0], int(columns.size))
         self.dtype = np.dtype(np.float64)
 
+    def all_finite(self) -> bool:
+        """No NaN/inf among the stored values of the kept columns (others are never read)."""
+        x = self.x
+        bad = ~self.xp.isfinite(x.data)
+        return not bool((self.col_map[x.indices[bad]] >= 0).any())  # synchronize!
+
     def __getitem__(self, rows: slice):
         if not isinstance(rows, slice) or rows.step not in (None, 1):
             raise TypeError("DenseRows takes a slice of rows with step 1")

@@ -122,7 +122,7 @@ def chunk_layout(codes: np.ndarray, n_batches: int, n_chunks: int):
 
 
 def _sum_chunks_host(part, batch_chunks) -> np.ndarray:
-    """(n_chunks, n_vars, 3) partial sums → (n_batches, n_vars, 3), chunks in a fixed order."""
+    """(n_chunks, ...) partial sums → (n_batches, ...): each batch's chunks, in chunk order."""
     return np.stack([part[lo:hi].sum(axis=0) for lo, hi in zip(batch_chunks[:-1], batch_chunks[1:])])
 
 
@@ -392,12 +392,7 @@ def _(x, batch_codes, n_batches, gene_sums, *, theta, clip):
     part_sum, part_sum_sq = _pearson_rows_host(data, indices, indptr, n_vars, rows, chunk_start,
                                                chunk_batch, cell_sums, gene_sums, totals,
                                                float(theta), float(clip))
-    out_sum, out_sum_sq = np.zeros((n_batches, n_vars)), np.zeros((n_batches, n_vars))
-    for b in range(n_batches):
-        lo, hi = batch_chunks[b], batch_chunks[b + 1]
-        out_sum[b] = part_sum[lo:hi].sum(axis=0)
-        out_sum_sq[b] = part_sum_sq[lo:hi].sum(axis=0)
-    return out_sum, out_sum_sq
+    return _sum_chunks_host(part_sum, batch_chunks), _sum_chunks_host(part_sum_sq, batch_chunks)
 
 
 @pearson_residual_sums.register(types.csc_matrix | types.csc_array)

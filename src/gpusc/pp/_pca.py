@@ -312,6 +312,8 @@ def _as_float64(chunk):
 
 def _all_finite(x) -> bool:
     xp = xp_of(x)
+    if isinstance(x, DenseRows):
+        return x.all_finite()  # from the stored values: no block is densified for this
     if is_sparse(x):
         return bool(xp.isfinite(x.data).all())  # synchronize!
     if x.dtype.kind != "f":

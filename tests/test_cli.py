@@ -194,11 +194,10 @@ def test_help_exits_0(capsys):
     assert "--n-top-genes" in capsys.readouterr().out
 
 
-def test_gpu_without_device_exits_2(tmp_path, capsys):
-    from conftest import HAS_GPU
+def test_gpu_without_device_exits_2(tmp_path, capsys, monkeypatch):
+    from gpusc import _settings
 
-    if HAS_GPU:
-        pytest.skip("a GPU is present")
+    monkeypatch.setattr(_settings, "gpu_available", lambda: False)  # a machine without a GPU
     assert main(["run", "--device", "gpu", "--n-obs", "100", "--out", str(tmp_path)]) == 2
     assert "no CUDA device" in capsys.readouterr().err
 

@@ -10,6 +10,9 @@ transfers not timed; on the GPU the step ends with a device synchronisation). St
   neighbors           X_pca (50) from scanpy's pca of the scaled data: neighbors() (k=15);
                       gpusc's is exact brute force, scanpy's pynndescent: both timed, and
                       each kNN's recall against scikit-learn's exact search is recorded.
+  knn_fused, knn_tiles  (--device gpu only) the exact kNN alone on the same X_pca, k=15:
+                      the fused TF32 candidate pass against cuBLAS tiles + topk_tile, each
+                      with its float64 re-ranking (host arrays in and out, transfers timed).
 
     python benchmarks/bench_pca_neighbors.py [--cells 50000] [--repeats 3] [--device cpu|gpu] [--out FILE]
 """
@@ -81,6 +84,17 @@ def main() -> None:
         print(f"{name:18s} scanpy {row['scanpy']['best']:8.3f} s  gpusc {row['gpusc']['best']:8.3f} s  "
               f"{row['speedup']:5.2f}x", flush=True)
 
+    if on_gpu:
+        from gpusc._kernels.topk import knn_device
+
+        x_pca = np.ascontiguousarray(embedded.obsm["X_pca"])
+        for name, fused in (("knn_fused", True), ("knn_tiles", False)):
+            times = best_of(lambda x, fused=fused: knn_device(x, K, "euclidean", fused=fused),
+                            lambda: x_pca, args.repeats, True)
+            rows.append({"step": name, "shape": list(x_pca.shape),
+                         "gpusc": {"seconds": times, "best": min(times)}})
+            print(f"{name:18s} gpusc {min(times):8.3f} s", flush=True)
+
     from sklearn.neighbors import NearestNeighbors
 
     x_pca = embedded.obsm["X_pca"]
@@ -90,7 +104,7 @@ def main() -> None:
         a = embedded.copy()
         module.neighbors(a, n_neighbors=K, use_rep="X_pca")
         quality[f"{lib}_recall_vs_exact"] = recall(knn_indices(a), exact)
-    rows[-1].update(quality)
+    next(r for r in rows if r["step"] == "neighbors").update(quality)
     print("neighbors recall vs exact:", quality)
 
     record = {

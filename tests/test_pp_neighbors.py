@@ -16,6 +16,7 @@ from scipy import sparse
 from sklearn.neighbors import NearestNeighbors
 
 import gpusc
+from gpusc._kernels import topk
 from gpusc._kernels.topk import knn_host
 from gpusc._settings import resolve_device
 
@@ -128,6 +129,82 @@ def test_knn_is_deterministic():
     b = knn_host(x, 12, "cosine")
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
+
+
+# ---------------------------------------------------------------- the device's TF32 pass, on the host
+
+def test_round_tf32_is_nearest_with_ties_away_from_zero():
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=20000) * 10.0 ** rng.integers(-20, 20, size=20000)
+    ties = [1 + 2**-11, -(1 + 2**-11), 1 + 3 * 2**-11, 2**-11 * (1 + 2**-11), 7.0]
+    v = np.concatenate([v, ties]).astype(np.float32)
+    m, e = np.frexp(np.abs(v.astype(np.float64)))  # |v| = m 2^e, m in [0.5, 1): 11 bits kept
+    expected = np.sign(v) * np.floor(m * 2.0**11 + 0.5) * 2.0 ** (e - 11.0)
+    np.testing.assert_array_equal(topk.round_tf32(v), expected.astype(np.float32))
+    assert topk.round_tf32(np.float32([1 + 2**-11]))[0] == np.float32(1 + 2**-10)
+
+
+def _exact_keys(x, code):
+    from scipy.spatial.distance import cdist
+
+    if code == topk.METRICS["cosine"]:
+        return 2 * cdist(x, x, "cosine")
+    return cdist(x, x, "sqeuclidean")
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_tf32_error_bound_holds_for_every_pair(pbmc_pca, metric):
+    # Every key a TF32 pass can produce (rows rounded to TF32, products summed in FP32)
+    # lies within error_bound of the exact squared distance: the bound that certifies rows.
+    code = topk.METRICS[metric]
+    x = pbmc_pca[:800].astype(np.float64)
+    v = topk.round_tf32(topk._gemm_vectors(x, code).astype(np.float32))
+    norms = (v.astype(np.float64) ** 2).sum(axis=1)
+    keys = norms[:, None] + norms[None, :] - 2 * (v @ v.T).astype(np.float64)
+    bound = topk.error_bound(np.sqrt(norms), np.sqrt(norms.max()), x.shape[1], "tf32",
+                             keys.max(axis=1))
+    exact = _exact_keys(x, code)
+    assert (np.abs(exact - keys) <= bound[:, None]).all()
+    # ...and, at a list's real worst key, well below the gap a margin of 16 leaves between
+    # the 15th and the 31st neighbour (pbmc3k: 8% of it for euclidean, 4% for cosine)
+    ordered = np.sort(exact, axis=1)
+    worst = ordered[:, 15 + topk.DEVICE_MARGIN - 1]
+    bound = topk.error_bound(np.sqrt(norms), np.sqrt(norms.max()), x.shape[1], "tf32", worst)
+    assert np.median(bound) < 0.15 * np.median(worst - ordered[:, 14])
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine", "sqeuclidean"])
+def test_tf32_first_pass_is_exact_and_certifies_most_rows(pbmc_pca, metric):
+    idx, dist = knn_host(pbmc_pca, 15, metric, first_pass="tf32")
+    ref_idx, ref_dist = sklearn_knn(pbmc_pca, 15, metric)
+    assert compare_sets(idx, dist, ref_idx, ref_dist, rtol=1e-4, atol=1e-5) <= 3
+    n = len(pbmc_pca)
+    n_cand = topk.n_candidates(15, n, topk.DEVICE_MARGIN)  # the device's list length
+    _, _, certified = topk._host_pass(pbmc_pca.astype(np.float64), np.arange(n), 15, n_cand,
+                                      topk.METRICS[metric], "tf32", 128, 2048)
+    assert certified.mean() > 0.95, f"TF32 pass certifies only {certified.mean():.1%} of rows"
+
+
+def test_rerank_refuses_candidates_whose_keys_are_not_theirs(pbmc_pca):
+    # A candidate pass that pairs keys with the wrong indices must not certify a row, even
+    # when its worst key (the certification threshold) is right.
+    x = pbmc_pca[:500].astype(np.float64)
+    n, n_cand = len(x), 31
+    exact = _exact_keys(x, topk.METRICS["euclidean"])
+    np.fill_diagonal(exact, -1)
+    cand_idx = np.argsort(exact, axis=1, kind="stable")[:, :n_cand]
+    np.fill_diagonal(exact, 0)
+    cand_key = np.take_along_axis(exact, cand_idx, axis=1)
+    err = np.full(n, 1e-9)
+    rows = np.arange(n)
+    *_, certified = topk._rerank_host(x, rows, cand_key, cand_idx, 15, 0, err)
+    assert certified.all()
+    swapped = cand_key.copy()
+    swapped[:, [3, 7]] = swapped[:, [7, 3]]  # two keys trade places; the worst stays last
+    *_, certified = topk._rerank_host(x, rows, swapped, cand_idx, 15, 0, err)
+    differs = np.abs(cand_key[:, 3] - cand_key[:, 7]) > 1e-9
+    assert differs.sum() > 400
+    assert not certified[differs].any()
 
 
 # ---------------------------------------------------------------- the AnnData function
@@ -322,6 +399,51 @@ def test_device_knn_matches_host(pbmc_pca, metric):
     assert compare_sets(idx, dist, ref_idx, ref_dist, rtol=1e-4, atol=1e-5) <= 3
     host_idx, host_dist = knn_host(pbmc_pca, 15, metric)
     np.testing.assert_allclose(dist, host_dist, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, dim, k", [(1037, 13, 15), (300, 64, 48), (20, 7, 15), (700, 65, 10)])
+def test_device_knn_fused_pass_shapes(n, dim, k):
+    # rows that fill no whole block (256) or chunk (64), features that fill no k8 step,
+    # the longest list (K = 64), fewer rows than K, and one dimension past the fused pass
+    from gpusc._kernels.topk import knn_device
+
+    x = blobs(n=n, dim=dim, seed=n)
+    idx, dist = knn_device(x, k, "euclidean")
+    ref_idx, ref_dist = direct_knn(x.astype(np.float64), k, "euclidean")
+    assert compare_sets(idx, dist, ref_idx, ref_dist, rtol=1e-9, atol=1e-9) == 0
+    tile_idx, tile_dist = knn_device(x, k, "euclidean", fused=False)
+    np.testing.assert_array_equal(tile_dist, dist)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_device_fused_lists_are_the_smallest_tf32_keys(pbmc_pca, metric):
+    import cupy as cp
+
+    code = topk.METRICS[metric]
+    n = len(pbmc_pca)
+    n_cand = topk.n_candidates(15, n, topk.DEVICE_MARGIN)
+    x = cp.asarray(pbmc_pca)
+    cand_key, cand_idx, _ = topk._fused_candidates(x, n_cand, code)
+    key, idx = cand_key.get(), cand_idx.get()
+    again = topk._fused_candidates(x, n_cand, code)
+    np.testing.assert_array_equal(again[0].get(), key)  # deterministic
+    np.testing.assert_array_equal(again[1].get(), idx)
+    assert (np.diff(key, axis=1) >= 0).all()
+    # the exact keys of the TF32-rounded rows: the fused keys differ by the FP32
+    # accumulation of 50 products only (about 3e-5 of the largest squared norm)
+    v = topk.round_tf32(topk._gemm_vectors(pbmc_pca.astype(np.float64), code).astype(np.float32))
+    v64 = v.astype(np.float64)
+    norms = (v64 ** 2).sum(axis=1)
+    rounded_keys = norms[:, None] + norms[None, :] - 2 * v64 @ v64.T
+    np.testing.assert_allclose(key, np.take_along_axis(rounded_keys, idx, axis=1),
+                               rtol=0, atol=1e-4 * norms.max())
+    expected = np.argsort(rounded_keys, axis=1, kind="stable")[:, :n_cand]
+    shared = np.mean([np.intersect1d(a, b).size for a, b in zip(idx, expected, strict=True)])
+    assert shared / n_cand > 0.99  # the rest: near-ties at the list's end
+    *_, certified = topk._device_pass(x, cp.arange(n), 15, n_cand, code, "tf32", 8192, 8192)
+    assert float(certified.mean()) > 0.95
 
 
 @pytest.mark.gpu

@@ -1,17 +1,23 @@
 """``kernels/topk.cu`` and its numba twin: exact brute-force k nearest neighbours.
 
-Both backends work the same way: candidate distances for tiles of query × reference
-rows (a BLAS/cuBLAS product ``‖a‖² + ‖b‖² − 2abᵀ`` for euclidean, sqeuclidean and
-cosine, a direct tile for manhattan), a running list of the ``K = k + margin`` best
-candidates per query, then an exact float64 re-ranking of those candidates. Memory is
-O(n·K + tile), never n × n. The result of every row is ordered by (distance, the point
-itself first, index), so each point is its own first neighbour at distance 0.
+Both backends work the same way: candidate keys ``‖a‖² + ‖b‖² − 2ab`` for euclidean,
+sqeuclidean and cosine (a direct L1 sum for manhattan), a running list of the
+``K = k + margin`` best candidates per query, then an exact float64 re-ranking of those
+candidates. Memory is O(n·K + tile), never n × n. The result of every row is ordered by
+(distance, the point itself first, index), so each point is its own first neighbour at
+distance 0.
 
-Exactness: the candidate distances carry rounding error; the margin absorbs it. On the
-device the first pass uses float32 products and each row is certified (its exact k-th
-distance lies below its worst candidate minus a bound on the product's rounding error);
-rows that fail are redone with float64 products. On the host the products are float64.
-What remains are exact ties (points at the same distance), which either order answers.
+Where the products run: on the device, for up to 64 dimensions and K <= 64, one fused
+kernel (``fused_candidates``) multiplies on the tensor cores in TF32 and selects on the
+chip, so no distance ever reaches device memory; otherwise cuBLAS float32 tiles and the
+``topk_tile`` selection kernel. On the host, BLAS float32 tiles and numba heaps.
+
+Exactness: the candidate keys carry rounding error (:func:`error_bound`). Each row is
+certified when its exact k-th key lies below its worst candidate's key minus that bound,
+and every candidate's exact key lies within the bound of its approximate one (which also
+catches a candidate pass that mislabels its keys). Rows that fail are redone with float64
+products. What remains are exact ties (points at the same distance), which either order
+answers.
 """
 
 from __future__ import annotations
@@ -28,7 +34,11 @@ TOPK_MAX = 128  # kernels/topk.cu's TOPK_MAX: the most candidates a row keeps on
 WARPS_PER_BLOCK = 4  # kernels/topk.cu's WARPS_PER_BLOCK
 HOST_MARGIN = 8
 DEVICE_MARGIN = 16
+# kernels/topk.cu's fused pass: its block, chunk and buffer sizes (shared-memory layout)
+FUSED_THREADS, FUSED_QUERIES, FUSED_REFS, FUSED_STRIDE, FUSED_BUF = 256, 256, 64, 68, 16
+FUSED_MAX_DIM, FUSED_MAX_K = 64, 64
 NAME_EXPRESSIONS = (
+    "fused_candidates",
     *(cuda.template_name("topk_tile", t) for t in (np.float32, np.float64)),
     *(cuda.template_name("manhattan_tile", t) for t in (np.float32, np.float64)),
     *(cuda.template_name("rerank", t, g) for t in (np.float32, np.float64)
@@ -43,63 +53,94 @@ def n_candidates(k: int, n: int, margin: int) -> int:
 
 # ---------------------------------------------------------------- host (numba)
 
-def knn_host(x: np.ndarray, k: int, metric: str, *, query_block: int = 128,
-             ref_block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def knn_host(x: np.ndarray, k: int, metric: str, *, first_pass: str = "float32",
+             query_block: int = 128, ref_block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
     """Exact kNN of the rows of ``x`` among themselves: int64 indices, float64 distances (n, k).
 
     Threads take blocks of ``query_block`` queries; each multiplies them with blocks of
     ``ref_block`` references (one-thread BLAS, so the tile stays in cache) and keeps a
     heap of candidates per query. Memory: n·K·16 bytes plus one tile per thread.
+    ``first_pass="tf32"`` rounds the vectors as the device's fused pass does (its
+    certification, checked without a GPU); rows it cannot certify are redone in float64.
     """
     x64 = np.ascontiguousarray(x, dtype=np.float64)
     n = x64.shape[0]
     code = METRICS[metric]
     n_cand = n_candidates(k, n, HOST_MARGIN)
+    rows = np.arange(n, dtype=np.int64)
     if code == METRICS["manhattan"]:
         cand_key, cand_idx = _manhattan_select(x64, n_cand)
-        rows = np.arange(n, dtype=np.int64)
         no_check = np.full(n, np.inf)  # direct float64 sums are the exact distances
         idx, dist, _ = _rerank_host(x64, rows, cand_key, cand_idx, k, code, no_check)
         return idx, dist
-    rows = np.arange(n, dtype=np.int64)
-    idx, dist, certified = _host_pass(x64, rows, k, n_cand, code, np.float32, query_block, ref_block)
+    idx, dist, certified = _host_pass(x64, rows, k, n_cand, code, first_pass, query_block, ref_block)
     redo = np.flatnonzero(~certified)
-    if redo.size:  # rows whose float32 candidates could have missed a neighbour
-        idx[redo], dist[redo], _ = _host_pass(x64, redo, k, n_cand, code, np.float64,
+    if redo.size:  # rows whose first-pass candidates could have missed a neighbour
+        idx[redo], dist[redo], _ = _host_pass(x64, redo, k, n_cand, code, "float64",
                                               query_block, ref_block)
     return idx, dist
 
 
-def _host_pass(x64, rows, k, n_cand, code, gemm_dtype, query_block, ref_block):
+def _host_pass(x64, rows, k, n_cand, code, precision, query_block, ref_block):
     from threadpoolctl import threadpool_limits
 
-    vectors = _gemm_vectors(x64, code).astype(gemm_dtype)
+    vectors = _gemm_vectors(x64, code)
+    if precision == "float64":
+        vectors = np.ascontiguousarray(vectors)
+    else:
+        vectors = vectors.astype(np.float32)
+        if precision == "tf32":
+            vectors = round_tf32(vectors)
     v64 = vectors.astype(np.float64)
     norms64 = np.einsum("ij,ij->i", v64, v64)
-    err = error_bound(np.sqrt(norms64[rows]), np.sqrt(norms64.max()), x64.shape[1], gemm_dtype)
     with threadpool_limits(1, user_api="blas"):  # numba's threads each run a one-thread GEMM
         cand_key, cand_idx = _candidates(np.ascontiguousarray(vectors[rows]), vectors,
                                          norms64, n_cand, query_block, ref_block)
     cand_key += norms64[rows][:, None]  # the query's own norm, left out while ranking
+    err = error_bound(np.sqrt(norms64[rows]), np.sqrt(norms64.max()), x64.shape[1], precision,
+                      cand_key.max(axis=1))
     return _rerank_host(x64, rows, cand_key, cand_idx, k, code, err)
 
 
-def error_bound(query_lengths, longest, dim, gemm_dtype):
-    """Bound on |‖a‖² + ‖b‖² − 2ab − exact squared distance| when the product runs in gemm_dtype.
+# (unit roundoff of the rounded vectors, unit roundoff of the accumulation) per product precision.
+# TF32 keeps 10 mantissa bits (rounded to nearest, ties away: 2^-11); tensor cores add their
+# FP32 products without IEEE rounding, so the accumulation gets 2^-22, four times FP32's.
+UNIT_ROUNDOFF = {"float64": (2.0**-53, 2.0**-53), "float32": (2.0**-24, 2.0**-24),
+                 "tf32": (2.0**-11, 2.0**-22)}
 
-    The inner product errs by at most γ_d Σ|a_l b_l| <= γ_d ‖a‖‖b‖ (γ_d = d·u/(1 − d·u)),
-    the centred or normalised rows were rounded to gemm_dtype (2u(‖a‖+‖b‖)²), and the
-    sums round once more (4u(‖a‖+‖b‖)²); 10% headroom.
+
+def error_bound(query_lengths, longest, dim, precision, worst):
+    """Bound on |key − exact squared distance| for one query's candidates and non-candidates.
+
+    ``worst`` is the query's K-th approximate key. With L = ‖a‖ + the longest row: the
+    accumulated product and the norm sums err by at most e = (2γ_d + 6u)·L² (γ_d =
+    d·u/(1 − d·u), u the accumulation's roundoff); the vectors were rounded to the
+    product's precision, which moves a distance by at most δ = u_in·L, so a squared
+    distance D' of the rounded rows and the exact D obey |√D − √D'| <= δ. For any point
+    whose key is at least ``worst`` (every point outside the list) and for every listed
+    candidate this gives |D − key| <= e + 2δ·√(worst + e) + δ². 10% headroom on e and δ.
+    Works on NumPy and CuPy arrays alike.
     """
-    unit = np.finfo(gemm_dtype).eps / 2
-    gamma = dim * unit / (1 - dim * unit)
-    return 1.1 * (2 * gamma + 6 * unit) * (query_lengths + longest) ** 2
+    u_in, u_acc = UNIT_ROUNDOFF[precision]
+    gamma = dim * u_acc / (1 - dim * u_acc)
+    span = query_lengths + longest
+    e = 1.1 * (2 * gamma + 6 * u_acc) * span * span
+    delta = 1.1 * u_in * span
+    return e + 2 * delta * np.sqrt(np.maximum(worst, 0.0) + e) + delta * delta
 
 
-def _gemm_vectors(x64: np.ndarray, code: int) -> np.ndarray:
-    """Rows whose ``‖a‖² + ‖b‖² − 2ab`` ranks like the metric (centred: smaller norms, less cancellation)."""
+def round_tf32(v):
+    """float32 values rounded to TF32 (10 mantissa bits, nearest, ties away from zero), as
+    cvt.rna.tf32.f32 does; NumPy or CuPy in, the same out."""
+    bits = v.astype(np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+def _gemm_vectors(x64, code: int):
+    """Rows whose ``‖a‖² + ‖b‖² − 2ab`` ranks like the metric (centred: smaller norms, less
+    cancellation); NumPy or CuPy float64 in, the same out."""
     if code == METRICS["cosine"]:
-        norms = np.sqrt(np.einsum("ij,ij->i", x64, x64))
+        norms = np.sqrt((x64 * x64).sum(axis=1))
         return x64 / np.where(norms > 0, norms, 1.0)[:, None]
     return x64 - x64.mean(axis=0)
 
@@ -209,7 +250,8 @@ def _before(d1, i1, d2, i2, self_index):
 @numba.njit(parallel=True, cache=True)
 def _rerank_host(x, rows, cand_key, cand_idx, k, code, err):
     """Exact distances of each query's candidates, sorted; certified[q] when no point
-    outside the candidates can be nearer than the k-th (approximate worst − err)."""
+    outside the candidates can be nearer than the k-th (approximate worst − err) and every
+    candidate's exact key lies within err of its approximate one."""
     n_q, n_cand = cand_idx.shape
     out_idx = np.empty((n_q, k), np.int64)
     out_dist = np.empty((n_q, k), np.float64)
@@ -222,9 +264,12 @@ def _rerank_host(x, rows, cand_key, cand_idx, k, code, err):
             worst_approx = max(worst_approx, cand_key[q, c])
         dist = np.empty(n_cand)
         has_self = False
+        consistent = True
         for c in range(n_cand):
             dist[c] = _exact_key(x, i, idx[c], code) if idx[c] >= 0 else np.inf
             has_self |= idx[c] == i
+            if idx[c] >= 0 and not abs(dist[c] - cand_key[q, c]) <= err[q]:
+                consistent = False
         if not has_self:  # only with many exact duplicates of point i
             c_worst = 0
             for c in range(n_cand):
@@ -238,7 +283,7 @@ def _rerank_host(x, rows, cand_key, cand_idx, k, code, err):
                 dist[b + 1], idx[b + 1] = dist[b], idx[b]
                 b -= 1
             dist[b + 1], idx[b + 1] = d, j
-        certified[q] = n_cand == x.shape[0] or dist[k - 1] <= worst_approx - err[q]
+        certified[q] = n_cand == x.shape[0] or (consistent and dist[k - 1] <= worst_approx - err[q])
         out_idx[q] = idx[:k]
         for c in range(k):
             d = dist[c]
@@ -252,55 +297,106 @@ def _kernel(name: str):
     return cuda.get_kernel("topk", NAME_EXPRESSIONS, name)
 
 
-def knn_device(x_host: np.ndarray, k: int, metric: str, *, query_block: int = 8192,
-               ref_block: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+def knn_device(x_host: np.ndarray, k: int, metric: str, *, fused: bool | None = None,
+               query_block: int = 8192, ref_block: int = 8192) -> tuple[np.ndarray, np.ndarray]:
     """Exact kNN on the GPU; takes and returns host arrays like :func:`knn_host`.
 
-    Device memory: x and its product rows (2·n·d), the candidate lists (n·K·16 bytes,
-    K = k + 16) and one product tile (query_block · ref_block · 8 bytes, 512 MiB at the
-    defaults) with its cuBLAS workspace.
+    ``fused`` (default: where it applies) picks the fused TF32 candidate pass over the
+    cuBLAS tiles. Device memory: x and its product rows (2·n·d), the candidate lists
+    (n·K·16 bytes, K = k + 16) and, on the tile path, one product tile (query_block ·
+    ref_block · 8 bytes, 512 MiB at the defaults) with its cuBLAS workspace.
     """
     import cupy as cp
 
     x = cp.asarray(np.ascontiguousarray(x_host))
     if x.dtype not in (np.float32, np.float64):
         x = x.astype(np.float64)
-    n = x.shape[0]
+    n, dim = x.shape
     code = METRICS[metric]
     n_cand = n_candidates(k, n, DEVICE_MARGIN)
     if n_cand > TOPK_MAX:
         raise ValueError(f"n_neighbors={k}: brute force on the GPU keeps at most "
                          f"{TOPK_MAX - DEVICE_MARGIN} neighbours; use a smaller n_neighbors")
     all_rows = cp.arange(n, dtype=np.int64)
-    tf32 = os.environ.get("CUPY_TF32", "0") != "0"  # TF32 products would void the error bound
-    first = np.float64 if code == METRICS["manhattan"] or tf32 else np.float32
+    # shared memory per block: 202 KB at K = 64 fits an H100 (227 KB), an A100 (163 KB) K <= 46
+    shared_limit = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
+    fits = (code != METRICS["manhattan"] and dim <= FUSED_MAX_DIM and n_cand <= FUSED_MAX_K
+            and fused_shared_bytes(n_cand) <= shared_limit and n < 2**31 - FUSED_MAX_K)
+    if fused and not fits:
+        raise ValueError(f"the fused pass takes euclidean, sqeuclidean or cosine, up to "
+                         f"{FUSED_MAX_DIM} dimensions and lists of up to {FUSED_MAX_K} candidates "
+                         f"({shared_limit} bytes of shared memory per block here)")
+    if code == METRICS["manhattan"]:
+        first = "float64"  # direct sums: nothing to redo
+    elif fits and fused is not False:
+        first = "tf32"
+    elif os.environ.get("CUPY_TF32", "0") != "0":
+        first = "float64"  # cuBLAS would multiply float32 tiles in TF32 unasked
+    else:
+        first = "float32"
     out_idx, out_dist, certified = _device_pass(x, all_rows, k, n_cand, code, first,
                                                 query_block, ref_block)
-    if first == np.float32:
+    if first != "float64":
         redo = cp.flatnonzero(certified == 0)
         if int(redo.size):  # synchronize!
-            idx64, dist64, _ = _device_pass(x, redo, k, n_cand, code, np.float64,
+            idx64, dist64, _ = _device_pass(x, redo, k, n_cand, code, "float64",
                                             query_block, ref_block)
             out_idx[redo] = idx64
             out_dist[redo] = dist64
     return out_idx.get(), out_dist.get()  # synchronize!
 
 
-def _device_pass(x, rows, k, n_cand, code, gemm_dtype, query_block, ref_block):
-    """Candidates for the query ``rows`` with products in ``gemm_dtype``, then exact re-ranking."""
+def fused_shared_bytes(n_cand: int) -> int:
+    """Dynamic shared memory of ``fused_candidates``: two reference stages with their norms,
+    then per query row its list, its buffer, its count and its K-th (key, index)."""
+    return 4 * (2 * FUSED_REFS * FUSED_STRIDE + 2 * FUSED_REFS
+                + FUSED_QUERIES * (2 * n_cand + 2 * FUSED_BUF + 3))
+
+
+def _fused_candidates(x, n_cand, code):
+    """K best (key, index) per row among all rows, from ``fused_candidates``; TF32 products.
+
+    Returns the keys (float32, ascending, the query's norm included), the indices and the
+    float64 norms of the rounded rows.
+    """
+    import cupy as cp
+
+    n, dim = x.shape
+    assert dim <= FUSED_MAX_DIM and n_cand <= min(FUSED_MAX_K, n), "knn_device checks these"
+    dim_pad = -(-dim // 8) * 8
+    n_pad = -(-n // FUSED_QUERIES) * FUSED_QUERIES
+    vecs = cp.zeros((n_pad, dim_pad), np.float32)
+    vecs[:n, :dim] = round_tf32(_gemm_vectors(x.astype(np.float64, copy=False), code).astype(np.float32))
+    norms64 = (vecs[:n].astype(np.float64) ** 2).sum(axis=1)
+    norms = cp.full(n_pad, np.inf, np.float32)  # padding rows never pass a threshold
+    norms[:n] = norms64
+    cand_key = cp.empty((n, n_cand), np.float32)
+    cand_idx = cp.empty((n, n_cand), np.int64)
+    kernel = _kernel("fused_candidates")
+    shared = fused_shared_bytes(n_cand)
+    kernel.max_dynamic_shared_size_bytes = shared
+    cuda.launch(kernel, n_pad // FUSED_QUERIES, FUSED_THREADS, (
+        vecs, norms, np.int64(n), np.int32(dim_pad), np.int32(n_cand), cand_key, cand_idx),
+        shared_mem=shared)
+    return cand_key, cand_idx, norms64
+
+
+def _tile_candidates(x, rows, n_cand, code, gemm_dtype, query_block, ref_block):
+    """K best (key, index) per query row from cuBLAS (or L1) tiles and ``topk_tile``.
+
+    Returns the keys (ascending), the indices and the float64 norms of the product rows
+    (None for manhattan, whose keys are exact).
+    """
     import cupy as cp
 
     n, dim = x.shape
     n_q = int(rows.size)
-    gemm_dtype = np.dtype(gemm_dtype)
     cand_key = cp.full((n_q, n_cand), np.inf, dtype=gemm_dtype)
     cand_idx = cp.full((n_q, n_cand), _NO_INDEX, dtype=np.int64)
     topk_tile = _kernel(cuda.template_name("topk_tile", gemm_dtype))
-    grid = lambda rows_: -(-rows_ // WARPS_PER_BLOCK)  # noqa: E731
     block = 32 * WARPS_PER_BLOCK
     if code == METRICS["manhattan"]:
         manhattan = _kernel(cuda.template_name("manhattan_tile", x.dtype))
-        err = cp.zeros(n_q, np.float64)  # direct float64 sums: no product error to bound
         xq_all = x[rows]
         for q0 in range(0, n_q, query_block):
             q1 = min(q0 + query_block, n_q)
@@ -311,41 +407,53 @@ def _device_pass(x, rows, k, n_cand, code, gemm_dtype, query_block, ref_block):
                 manhattan(blocks, (16, 16), (
                     xq_all[q0:q1], np.int64(q1 - q0), x[r0:r1], np.int64(r1 - r0), np.int64(dim),
                     tile, np.int64(r1 - r0)))
-                cuda.launch(topk_tile, grid(q1 - q0), block, (
+                cuda.launch(topk_tile, -(-(q1 - q0) // WARPS_PER_BLOCK), block, (
                     tile, np.int64(q1 - q0), np.int64(r1 - r0), np.int64(r1 - r0),
                     np.uintp(0), np.uintp(0), np.int64(r0),
                     cand_key[q0:q1], cand_idx[q0:q1], np.int32(n_cand)))
+        return cand_key, cand_idx, None
+    vectors = cp.ascontiguousarray(_gemm_vectors(x.astype(np.float64, copy=False), code).astype(gemm_dtype))
+    # Norms of the vectors the product sees, so only the product's rounding is left.
+    v64 = vectors.astype(np.float64)
+    norms64 = (v64 * v64).sum(axis=1)
+    del v64
+    norms = norms64.astype(gemm_dtype)
+    vq_all, nq_all = vectors[rows], norms[rows]
+    for q0 in range(0, n_q, query_block):
+        q1 = min(q0 + query_block, n_q)
+        for r0 in range(0, n, ref_block):
+            r1 = min(r0 + ref_block, n)
+            products = vq_all[q0:q1] @ vectors[r0:r1].T  # cuBLAS
+            cuda.launch(topk_tile, -(-(q1 - q0) // WARPS_PER_BLOCK), block, (
+                products, np.int64(q1 - q0), np.int64(r1 - r0), np.int64(r1 - r0),
+                nq_all[q0:q1], norms[r0:r1], np.int64(r0),
+                cand_key[q0:q1], cand_idx[q0:q1], np.int32(n_cand)))
+    return cand_key, cand_idx, norms64
+
+
+def _device_pass(x, rows, k, n_cand, code, precision, query_block, ref_block):
+    """Candidates for the query ``rows`` with products in ``precision``, then exact re-ranking."""
+    import cupy as cp
+
+    n, dim = x.shape
+    n_q = int(rows.size)
+    if precision == "tf32":  # the fused pass covers every row
+        cand_key, cand_idx, norms64 = _fused_candidates(x, n_cand, code)
     else:
-        x64 = x.astype(np.float64, copy=False)
-        if code == METRICS["cosine"]:
-            lengths = cp.sqrt((x64 * x64).sum(axis=1))
-            vec64 = x64 / cp.where(lengths > 0, lengths, 1.0)[:, None]
-        else:
-            vec64 = x64 - x64.mean(axis=0)
-        vectors = cp.ascontiguousarray(vec64.astype(gemm_dtype))
-        # Norms of the vectors the product sees, so only the product's rounding is left.
-        v64 = vectors.astype(np.float64)
-        norms64 = (v64 * v64).sum(axis=1)
-        del v64
-        norms = norms64.astype(gemm_dtype)
+        cand_key, cand_idx, norms64 = _tile_candidates(x, rows, n_cand, code, np.dtype(precision),
+                                                       query_block, ref_block)
+    if norms64 is None:
+        err = cp.zeros(n_q, np.float64)  # direct float64 sums: no product error to bound
+    else:
         longest = float(cp.sqrt(norms64.max()))  # synchronize!
-        err = error_bound(cp.sqrt(norms64[rows]), longest, dim, gemm_dtype)
-        vq_all, nq_all = vectors[rows], norms[rows]
-        for q0 in range(0, n_q, query_block):
-            q1 = min(q0 + query_block, n_q)
-            for r0 in range(0, n, ref_block):
-                r1 = min(r0 + ref_block, n)
-                products = vq_all[q0:q1] @ vectors[r0:r1].T  # cuBLAS
-                cuda.launch(topk_tile, grid(q1 - q0), block, (
-                    products, np.int64(q1 - q0), np.int64(r1 - r0), np.int64(r1 - r0),
-                    nq_all[q0:q1], norms[r0:r1], np.int64(r0),
-                    cand_key[q0:q1], cand_idx[q0:q1], np.int32(n_cand)))
+        err = error_bound(cp.sqrt(norms64[rows]), longest, dim, precision,
+                          cand_key[:, -1].astype(np.float64))
     out_idx = cp.empty((n_q, k), np.int64)
     out_dist = cp.empty((n_q, k), np.float64)
     certified = cp.empty(n_q, np.int32)
-    rerank = _kernel(cuda.template_name("rerank", x.dtype, gemm_dtype))
-    cuda.launch(rerank, grid(n_q), block, (
+    rerank = _kernel(cuda.template_name("rerank", x.dtype, cand_key.dtype))
+    cuda.launch(rerank, -(-n_q // WARPS_PER_BLOCK), 32 * WARPS_PER_BLOCK, (
         x, np.int64(n), np.int64(dim), np.int32(code), rows, np.int64(n_q),
-        cand_key, cand_idx, np.int32(n_cand), np.int32(k), err.astype(np.float64),
+        cand_key, cand_idx, np.int32(n_cand), np.int32(k), err,
         out_idx, out_dist, certified))
     return out_idx, out_dist, certified

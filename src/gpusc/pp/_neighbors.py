@@ -44,12 +44,16 @@ def neighbors(
     """Nearest-neighbour distances and connectivities, as :func:`scanpy.pp.neighbors`.
 
     The kNN search is exact brute force by default (``algorithm="brute"``): on the GPU
-    tiles of cuBLAS products and a top-k selection kernel (``kernels/topk.cu``), on the
-    host BLAS tiles and numba heaps; both re-rank their candidates in float64, so the
-    neighbour sets equal scikit-learn's brute force up to exact ties. Each point is its
-    own first neighbour. Memory is O(n_obs · n_neighbors) plus one distance tile, never
-    n_obs × n_obs; on the device the peak is the representation twice, n_obs · (k + 16)
-    · 16 bytes of candidates and one 8192 × 8192 product tile (512 MiB).
+    one kernel that multiplies on the tensor cores (TF32) and keeps each cell's best
+    k + 16 candidates on the chip (``kernels/topk.cu``; up to 64 dimensions, otherwise
+    tiles of cuBLAS products and a top-k selection kernel), on the host BLAS tiles and
+    numba heaps. Both re-rank their candidates in float64 and certify each cell against
+    a bound on the products' rounding (cells that fail are searched again in float64), so
+    the neighbour sets equal scikit-learn's brute force up to exact ties. Each point is
+    its own first neighbour. Memory is O(n_obs · n_neighbors) plus one distance tile,
+    never n_obs × n_obs; on the device the peak is the representation twice and
+    n_obs · (k + 16) · 16 bytes of candidates (plus one 8192 × 8192 product tile, 512 MiB,
+    on the tile path).
 
     The representation is read from the host (obsm or X) and the work runs where
     ``device`` (default ``gpusc.settings.device``) says; results go to obsp/uns on the host.

@@ -114,17 +114,19 @@ def feature_selection_section(record: dict, stem: str) -> list[str]:
 
 
 def pca_neighbors_section(record: dict, stem: str) -> list[str]:
-    last = record["steps"][-1]
+    knn = next(r for r in record["steps"] if r["step"] == "neighbors")
     lines = [f"## PCA and neighbors (`{stem}.json`)", "",
              f"- data: {record['data']['description']}; {record['data']['shape'][0]:,} x "
              f"{record['data']['shape'][1]:,}, {record['data']['nnz_hvg']:,} stored values in the 2,000 HVGs",
              f"- made by `python benchmarks/bench_pca_neighbors.py` ({_git(record)}); {record['method']}; "
              f"load average {record['load_average_before']} → {record['load_average_after']}", "",
              "| step | input | scanpy s | gpusc s | speedup |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {r['step']} | {' x '.join(f'{n:,}' for n in r['shape'])} | {r['scanpy']['best']:.3f} | "
-              f"{r['gpusc']['best']:.3f} | {r['speedup']:.2f}x |" for r in record["steps"]]
+    lines += [f"| {r['step']} | {' x '.join(f'{n:,}' for n in r['shape'])} | "
+              + (f"{r['scanpy']['best']:.3f}" if "scanpy" in r else "–")  # GPU-only rows: knn_fused/_tiles
+              + f" | {r['gpusc']['best']:.3f} | " + (f"{r['speedup']:.2f}x |" if "speedup" in r else "– |")
+              for r in record["steps"]]
     lines += ["", f"neighbors recall against scikit-learn's exact search: scanpy (pynndescent) "
-                  f"{last['scanpy_recall_vs_exact']:.3f}, gpusc (brute force) {last['gpusc_recall_vs_exact']:.3f}.",
+                  f"{knn['scanpy_recall_vs_exact']:.3f}, gpusc (brute force) {knn['gpusc_recall_vs_exact']:.3f}.",
               ""]
     return lines
 

@@ -227,6 +227,8 @@ __global__ void rerank(const T* __restrict__ x, long long n, long long dim, int 
 #define FUSED_BUF 16                              // pending candidates per query row
 #define FUSED_MAX_K 64
 #define FUSED_EMPTY_INDEX 0x7fffffff              // empty list slots: key +inf, indices below this
+static_assert(FUSED_MAX_K + FUSED_BUF <= 96, "fused_merge holds three pairs per lane");
+static_assert(FUSED_STRIDE % 4 == 0, "cp.async writes 16-byte pieces of each shared row");
 
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
     asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "

@@ -9,6 +9,7 @@ test_pp_neighbors.py.
 
 from __future__ import annotations
 
+import re
 import sys
 import types
 
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from test_pp_neighbors import blobs, compare_sets, direct_knn
 
+from gpusc._core import cuda
 from gpusc._kernels import topk
 
 
@@ -145,3 +147,13 @@ def test_fused_pass_needs_room_for_its_lists(device_flow):
     assert len(kernels["fused_candidates"].launches) == 1
     with pytest.raises(ValueError, match="shared memory"):
         topk.knn_device(x, 31, "euclidean", fused=True)
+
+
+def test_launcher_constants_match_the_kernel_defines():
+    # the launcher lays out shared memory and pads with these; the kernel compiles with its own
+    defines = dict(re.findall(r"^#define (\w+) (.+?)(?:\s*//.*)?$", cuda.kernel_source("topk"), re.M))
+    value = lambda name: eval(re.sub(r"[A-Z_]+", lambda m: str(value(m.group())), defines[name]))  # noqa: E731,S307
+    for name in ("TOPK_MAX", "WARPS_PER_BLOCK", "FUSED_QUERIES", "FUSED_REFS", "FUSED_STRIDE",
+                 "FUSED_BUF", "FUSED_MAX_DIM", "FUSED_MAX_K"):
+        assert value(name) == getattr(topk, name), name
+    assert value("FUSED_WARPS") * 32 == topk.FUSED_THREADS

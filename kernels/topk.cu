@@ -229,6 +229,7 @@ __global__ void rerank(const T* __restrict__ x, long long n, long long dim, int 
 #define FUSED_EMPTY_INDEX 0x7fffffff              // empty list slots: key +inf, indices below this
 static_assert(FUSED_MAX_K + FUSED_BUF <= 96, "fused_merge holds three pairs per lane");
 static_assert(FUSED_STRIDE % 4 == 0, "cp.async writes 16-byte pieces of each shared row");
+static_assert(FUSED_REFS == 64, "a thread's 64 accumulators are numbered v = (mt * 8 + nt) * 4 + c");
 
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
     asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
@@ -377,11 +378,7 @@ fused_candidates(const float* __restrict__ vecs, const float* __restrict__ norms
         // acc[mt][nt]: c0 (g, 2t), c1 (g, 2t + 1), c2 (g + 8, 2t), c3 (g + 8, 2t + 1)
         float acc[2][FUSED_REFS / 8][4];
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < FUSED_REFS / 8; ++nt)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) acc[mt][nt][c] = 0.0f;
+        for (int v = 0; v < 64; ++v) acc[v >> 5][(v >> 2) & 7][v & 3] = 0.0f;
         const float* ref = s_ref + stage * FUSED_REFS * FUSED_STRIDE;
 #pragma unroll
         for (int s = 0; s < FUSED_MAX_DIM / 8; ++s) {
@@ -410,45 +407,40 @@ fused_candidates(const float* __restrict__ vecs, const float* __restrict__ norms
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
             for (int h = 0; h < 2; ++h) thr[mt][h] = s_thr_key[row0 + mt * 16 + h * 8 + g];
-        // Fast test: key <= the row's K-th key (a superset of what may enter); bit (mt, nt, c).
+        // Value v of the thread's 64 accumulators is acc[mt][nt][c] with mt = v / 32,
+        // nt = v / 4 % 8, c = v % 4 (compile-time after unrolling); bit v of `pending`.
+        // Fast test: key <= the row's K-th key (a superset of what may enter).
         unsigned long long pending = 0ull;
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < FUSED_REFS / 8; ++nt)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) {
-                    const float key = fmaf(-2.0f, acc[mt][nt][c], ref_norm[nt][c & 1]);
-                    if (key <= thr[mt][c >> 1]) pending |= 1ull << ((mt * 8 + nt) * 4 + c);
-                }
+        for (int v = 0; v < 64; ++v) {
+            const int mt = v >> 5, nt = (v >> 2) & 7, c = v & 3;
+            const float key = fmaf(-2.0f, acc[mt][nt][c], ref_norm[nt][c & 1]);
+            if (key <= thr[mt][c >> 1]) pending |= 1ull << v;
+        }
 
         const long long r0 = chunk * FUSED_REFS;
         while (__any_sync(FULL_MASK, pending != 0ull)) {
             // Exact test against (K-th key, K-th index) and a place in the row's buffer.
 #pragma unroll
-            for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-                for (int nt = 0; nt < FUSED_REFS / 8; ++nt)
-#pragma unroll
-                    for (int c = 0; c < 4; ++c) {
-                        const unsigned long long bit = 1ull << ((mt * 8 + nt) * 4 + c);
-                        if (pending & bit) {
-                            const int row = row0 + mt * 16 + (c >> 1) * 8 + g;
-                            const long long j = r0 + nt * 8 + 2 * t + (c & 1);
-                            const float key = fmaf(-2.0f, acc[mt][nt][c], ref_norm[nt][c & 1]);
-                            bool done = true;
-                            if (j < n && fused_before(key, (int)j, s_thr_key[row], s_thr_idx[row])) {
-                                const int pos = atomicAdd(s_count + row, 1);
-                                if (pos < FUSED_BUF) {
-                                    s_buf_key[row * FUSED_BUF + pos] = key;
-                                    s_buf_idx[row * FUSED_BUF + pos] = (int)j;
-                                } else {
-                                    done = false;  // the buffer is full: after the merge
-                                }
-                            }
-                            if (done) pending &= ~bit;
+            for (int v = 0; v < 64; ++v) {
+                const int mt = v >> 5, nt = (v >> 2) & 7, c = v & 3;
+                if (pending & (1ull << v)) {
+                    const int row = row0 + mt * 16 + (c >> 1) * 8 + g;
+                    const long long j = r0 + nt * 8 + 2 * t + (c & 1);
+                    const float key = fmaf(-2.0f, acc[mt][nt][c], ref_norm[nt][c & 1]);
+                    bool done = true;
+                    if (j < n && fused_before(key, (int)j, s_thr_key[row], s_thr_idx[row])) {
+                        const int pos = atomicAdd(s_count + row, 1);
+                        if (pos < FUSED_BUF) {
+                            s_buf_key[row * FUSED_BUF + pos] = key;
+                            s_buf_idx[row * FUSED_BUF + pos] = (int)j;
+                        } else {
+                            done = false;  // the buffer is full: after the merge
                         }
                     }
+                    if (done) pending &= ~(1ull << v);
+                }
+            }
             __syncwarp();
             if (!__any_sync(FULL_MASK, pending != 0ull)) break;
             fused_merge_rows(row0, K, false, s_list_key, s_list_idx, s_buf_key, s_buf_idx, s_count,

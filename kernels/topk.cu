@@ -231,6 +231,9 @@ static_assert(FUSED_MAX_K + FUSED_BUF <= 96, "fused_merge holds three pairs per 
 static_assert(FUSED_STRIDE % 4 == 0, "cp.async writes 16-byte pieces of each shared row");
 static_assert(FUSED_REFS == 64, "a thread's 64 accumulators are numbered v = (mt * 8 + nt) * 4 + c");
 
+// The four PTX instructions the fused pass uses. tests/fused_emulation.h supplies host
+// versions of them (and of the CUDA built-ins), so that this section also runs on a CPU.
+#ifndef GPUSC_HOST_EMULATION
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
     asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
@@ -242,6 +245,13 @@ __device__ __forceinline__ void copy16_async(void* shared, const void* global) {
     const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(shared));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(global) : "memory");
 }
+
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Wait until at most `pending` of this thread's committed copy groups are still in flight.
+template <int pending>
+__device__ __forceinline__ void copy_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory"); }
+#endif
 
 __device__ __forceinline__ bool fused_before(float k1, int i1, float k2, int i2) {
     return k1 < k2 || (k1 == k2 && i1 < i2);
@@ -361,7 +371,7 @@ fused_candidates(const float* __restrict__ vecs, const float* __restrict__ norms
         }
         if (threadIdx.x < FUSED_REFS / 4)
             copy16_async(s_norm + stage * FUSED_REFS + threadIdx.x * 4, norms + r0 + threadIdx.x * 4);
-        asm volatile("cp.async.commit_group;\n" ::: "memory");
+        copy_async_commit();
     };
 
     load_chunk(0, 0);
@@ -369,9 +379,9 @@ fused_candidates(const float* __restrict__ vecs, const float* __restrict__ norms
         const int stage = (int)(chunk & 1);
         if (chunk + 1 < n_chunks) {
             load_chunk(stage ^ 1, chunk + 1);
-            asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+            copy_async_wait<1>();
         } else {
-            asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+            copy_async_wait<0>();
         }
         __syncthreads();  // this chunk is in shared memory for every thread; lists initialised
 

@@ -2,16 +2,23 @@
 without a GPU: CuPy is stood in for by NumPy and each kernel of kernels/topk.cu by what it
 is defined to compute (the K smallest (key, index) pairs of every row; exact re-ranking).
 
-This checks the launcher, not the CUDA code: the kernels themselves are compiled in
-test_kernels_compile.py and run against scikit-learn in the GPU-marked tests of
+The fused pass also runs as written: its section of kernels/topk.cu is compiled with g++
+against tests/fused_emulation.h, which makes every CUDA thread a std::thread and computes
+mma.sync from the PTX fragment layouts. That checks its logic (selection, merges, barriers,
+the copy pipeline, fragment indexing), not the hardware: the kernels are compiled with
+NVRTC in test_kernels_compile.py and run on a GPU in the GPU-marked tests of
 test_pp_neighbors.py.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 import sys
 import types
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,8 +79,9 @@ def _manhattan_tile(xq, n_q, xr, n_r, dim, out, ld):
 def _rerank(x, n, dim, code, rows, n_q, cand_key, cand_idx, K, k, err, out_idx, out_dist, certified):
     if code == topk.METRICS["manhattan"]:
         err = np.full_like(err, np.inf)  # the kernel skips the key check for exact L1 sums
+    cand_idx = np.where((cand_idx >= 0) & (cand_idx < int(n)), cand_idx, -1)  # as the kernel's `valid`
     idx, dist, cert = topk._rerank_host(np.asarray(x, np.float64), np.asarray(rows),
-                                        np.asarray(cand_key, np.float64), np.asarray(cand_idx),
+                                        np.asarray(cand_key, np.float64), cand_idx,
                                         int(k), int(code), np.asarray(err))
     out_idx[:], out_dist[:], certified[:] = idx, dist, cert
 
@@ -157,3 +165,121 @@ def test_launcher_constants_match_the_kernel_defines():
                  "FUSED_BUF", "FUSED_MAX_DIM", "FUSED_MAX_K"):
         assert value(name) == getattr(topk, name), name
     assert value("FUSED_WARPS") * 32 == topk.FUSED_THREADS
+
+
+# ---------------------------------------------------------------- the fused kernel itself, on threads
+
+_HARNESS = r"""
+#include <cstdio>
+#include <cstdlib>
+#include <thread>
+
+int main(int argc, char** argv) {
+    FILE* f = std::fopen(argv[1], "rb");
+    long long n, n_pad;
+    int dim_pad, K;
+    bool ok = std::fread(&n, 8, 1, f) && std::fread(&n_pad, 8, 1, f) && std::fread(&dim_pad, 4, 1, f)
+              && std::fread(&K, 4, 1, f);
+    std::vector<float> vecs(n_pad * dim_pad), norms(n_pad), cand_key(n * K);
+    std::vector<long long> cand_idx(n * K);
+    ok = ok && std::fread(vecs.data(), 4, vecs.size(), f) == vecs.size()
+         && std::fread(norms.data(), 4, norms.size(), f) == norms.size();
+    std::fclose(f);
+    if (!ok) return 2;
+    copies_land_early = argc > 3;
+    const int threads = FUSED_WARPS * 32;
+    blockDim.x = threads;
+    for (long long b = 0; b < n_pad / FUSED_QUERIES; ++b) {
+        blockIdx.x = (unsigned)b;
+        block_barrier = std::make_unique<std::barrier<>>(threads);
+        warps.clear();
+        for (int w = 0; w < FUSED_WARPS; ++w) warps.push_back(std::make_unique<Warp>());
+        std::memset(smem, 0xff, sizeof smem);  // shared memory starts as garbage
+        std::atomic<int> left_copies{0};
+        std::vector<std::thread> pool;
+        for (int t = 0; t < threads; ++t)
+            pool.emplace_back([&, t] {
+                threadIdx.x = t;
+                copy_groups = {{}};
+                fused_candidates(vecs.data(), norms.data(), n, dim_pad, K, cand_key.data(), cand_idx.data());
+                left_copies += copy_groups.size() != 1 || !copy_groups.back().empty();
+            });
+        for (auto& th : pool) th.join();
+        if (left_copies) return 3;  // a copy was queued and never waited for
+    }
+    f = std::fopen(argv[2], "wb");
+    std::fwrite(cand_key.data(), 4, cand_key.size(), f);
+    std::fwrite(cand_idx.data(), 8, cand_idx.size(), f);
+    std::fclose(f);
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def fused_on_threads(tmp_path_factory):
+    """The fused section of kernels/topk.cu built for the CPU; a kernel stand-in that runs it."""
+    compiler = shutil.which("g++")
+    assert compiler, "g++ is needed to run the fused kernel on the CPU"
+    source = cuda.kernel_source("topk")
+    section = source[source.index("// ---------------------------------------------------------------- fused"):]
+    here = tmp_path_factory.mktemp("fused")
+    (here / "fused.cpp").write_text('#include "fused_emulation.h"\n' + section + _HARNESS)
+    binary = here / "fused"
+    subprocess.run([compiler, "-std=c++20", "-O2", "-pthread", "-Wno-unknown-pragmas",
+                    f"-I{Path(__file__).parent}", str(here / "fused.cpp"), "-o", str(binary)],
+                   check=True, capture_output=True)
+
+    def run(vecs, norms, n, dim_pad, K, cand_key, cand_idx, copies="late"):
+        inputs, outputs = here / "in.bin", here / "out.bin"
+        with open(inputs, "wb") as f:
+            f.write(np.int64([n, vecs.shape[0]]).tobytes() + np.int32([dim_pad, K]).tobytes())
+            f.write(np.ascontiguousarray(vecs, np.float32).tobytes() + np.ascontiguousarray(norms).tobytes())
+        early = ["early"] if copies == "early" else []
+        done = subprocess.run([str(binary), str(inputs), str(outputs), *early], capture_output=True)
+        assert done.returncode == 0, f"the fused kernel on threads exited {done.returncode}"
+        out = np.fromfile(outputs, np.uint8)
+        cand_key[:] = out[: cand_key.nbytes].view(np.float32).reshape(cand_key.shape)
+        cand_idx[:] = out[cand_key.nbytes:].view(np.int64).reshape(cand_idx.shape)
+
+    return run
+
+
+@pytest.mark.parametrize("n, dim, k", [(300, 13, 15), (517, 50, 15), (300, 64, 48), (20, 7, 15)])
+def test_fused_kernel_on_threads_keeps_the_smallest_keys(device_flow, fused_on_threads, n, dim, k):
+    kernels, _ = device_flow
+    x = blobs(n=n, dim=dim, seed=n)
+    n_cand = topk.n_candidates(k, n, topk.DEVICE_MARGIN)
+    ours_key, ours_idx = np.empty((n, n_cand), np.float32), np.empty((n, n_cand), np.int64)
+    vecs_norms = {}
+    kernels["fused_candidates"].body = lambda v, nrm, *rest: (
+        vecs_norms.update(vecs=v.copy(), norms=nrm.copy()), fused_on_threads(v, nrm, *rest))
+    key, idx, _ = topk._fused_candidates(np.asarray(x).view(_Array), n_cand, topk.METRICS["euclidean"])
+    ours_key[:], ours_idx[:] = key, idx
+    # the definition on the same rounded rows (NumPy's float32 products, summed in another order)
+    _fused_candidates(vecs_norms["vecs"], vecs_norms["norms"], n, vecs_norms["vecs"].shape[1], n_cand,
+                      ref_key := np.empty_like(ours_key), ref_idx := np.empty_like(ours_idx))
+    assert (np.diff(ours_key, axis=1) >= 0).all()
+    np.testing.assert_allclose(ours_key, ref_key, rtol=0, atol=1e-5 * float(vecs_norms["norms"][:n].max()))
+    differ = ours_idx != ref_idx
+    assert differ.mean() < 0.01  # order swaps between keys equal to within summation order
+    assert (np.sort(ours_idx[:, :-1], axis=1) == np.sort(ref_idx[:, :-1], axis=1)).mean() > 0.99
+
+
+@pytest.mark.parametrize("copies", ["late", "early"])
+@pytest.mark.parametrize("data", ["blobs", "copies"])
+def test_fused_kernel_on_threads_gives_exact_neighbours(device_flow, fused_on_threads, data, copies):
+    # "copies": 20 points 30 times each, so rows tie by the dozen and buffers overflow
+    kernels, _ = device_flow
+    kernels["fused_candidates"].body = lambda *args: fused_on_threads(*args, copies=copies)
+    x = blobs(n=600, dim=20, seed=5) if data == "blobs" else np.repeat(blobs(n=20, dim=9), 30, axis=0)
+    idx, dist = topk.knn_device(x, 15, "euclidean")
+    assert len(kernels["fused_candidates"].launches) == 1
+    if data == "copies":
+        np.testing.assert_array_equal(idx[:, 0], np.arange(len(x)))
+        np.testing.assert_array_equal(dist, 0)
+        assert (idx // 30 == np.arange(len(x))[:, None] // 30).all()  # neighbours are copies
+    else:
+        assert not kernels["topk_tile<double>"].launches
+        ref_idx, ref_dist = direct_knn(x.astype(np.float64), 15, "euclidean")
+        assert compare_sets(idx, dist, ref_idx, ref_dist, rtol=1e-9, atol=1e-9) == 0

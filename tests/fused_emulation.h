@@ -1,0 +1,107 @@
+// Runs kernels/topk.cu's fused pass on a CPU: every CUDA thread of a block is a
+// std::thread, so barriers, warp votes, shared-memory atomics and races between lanes
+// behave as threads do; mma.sync is computed from the fragments of all 32 lanes with
+// the layouts of the PTX ISA, and cp.async copies land only at the matching wait.
+// Used by tests/test_topk_device_flow.py (g++ -std=c++20), never by the package.
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#define GPUSC_HOST_EMULATION 1
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__
+#define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
+#define FULL_MASK 0xffffffffu
+using std::min;
+
+struct dim3 { unsigned x = 0, y = 0, z = 0; };
+inline dim3 blockIdx, blockDim;            // one block runs at a time
+inline thread_local dim3 threadIdx;
+alignas(16) inline unsigned char smem[256 * 1024];
+
+struct Warp {
+    std::barrier<> sync{32};
+    int vote[32];
+    unsigned a[32][4], b[32][2];
+};
+inline std::unique_ptr<std::barrier<>> block_barrier;
+inline std::vector<std::unique_ptr<Warp>> warps;
+
+inline Warp& my_warp() { return *warps[threadIdx.x / 32]; }
+inline int my_lane() { return threadIdx.x % 32; }
+
+inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+inline void __syncwarp(unsigned = FULL_MASK) { my_warp().sync.arrive_and_wait(); }
+
+inline bool __any_sync(unsigned, bool predicate) {
+    Warp& w = my_warp();
+    w.vote[my_lane()] = predicate;
+    w.sync.arrive_and_wait();
+    bool any = false;
+    for (int lane = 0; lane < 32; ++lane) any |= w.vote[lane] != 0;
+    w.sync.arrive_and_wait();  // every lane has read the votes before they change
+    return any;
+}
+
+inline int atomicAdd(int* address, int value) { return std::atomic_ref<int>(*address).fetch_add(value); }
+
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, g = lane / 4, t = lane % 4:
+// A a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4); B b0 (k = t, n = g),
+// b1 (k = t + 4, n = g); C c0 (g, 2t), c1 (g, 2t + 1), c2 (g + 8, 2t), c3 (g + 8, 2t + 1).
+// Operands are read as TF32 (the low 13 bits ignored); products summed in float.
+inline void mma_tf32(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    Warp& w = my_warp();
+    const int lane = my_lane();
+    for (int r = 0; r < 4; ++r) w.a[lane][r] = a[r];
+    w.b[lane][0] = b0;
+    w.b[lane][1] = b1;
+    w.sync.arrive_and_wait();
+    float A[16][8], B[8][8];
+    for (int l = 0; l < 32; ++l) {
+        const int g = l / 4, t = l % 4;
+        A[g][t] = __uint_as_float(w.a[l][0] & 0xffffe000u);
+        A[g + 8][t] = __uint_as_float(w.a[l][1] & 0xffffe000u);
+        A[g][t + 4] = __uint_as_float(w.a[l][2] & 0xffffe000u);
+        A[g + 8][t + 4] = __uint_as_float(w.a[l][3] & 0xffffe000u);
+        B[t][g] = __uint_as_float(w.b[l][0] & 0xffffe000u);
+        B[t + 4][g] = __uint_as_float(w.b[l][1] & 0xffffe000u);
+    }
+    w.sync.arrive_and_wait();  // every lane has read the fragments before they change
+    const int g = lane / 4, t = lane % 4;
+    const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+    for (int c = 0; c < 4; ++c)
+        for (int k = 0; k < 8; ++k) d[c] += A[rows[c]][k] * B[k][cols[c]];
+}
+
+// cp.async: a copy lands at the latest when a wait releases its group. copies_land_early
+// picks the other end of what the hardware may do: land at once, when issued. The first
+// finds reads before the wait, the second refills of a stage that another warp still reads.
+struct Copy { void* dst; const void* src; };
+inline thread_local std::vector<std::vector<Copy>> copy_groups{{}};
+inline bool copies_land_early = false;
+
+inline void copy16_async(void* shared, const void* global) {
+    if (copies_land_early) std::memcpy(shared, global, 16);
+    else copy_groups.back().push_back({shared, global});
+}
+inline void copy_async_commit() { copy_groups.emplace_back(); }
+
+template <int pending>
+inline void copy_async_wait() {
+    const int committed = (int)copy_groups.size() - 1;  // the last group is still open
+    for (int group = 0; group < committed - pending; ++group)
+        for (const Copy& c : copy_groups[group]) std::memcpy(c.dst, c.src, 16);
+    if (committed > pending) copy_groups.erase(copy_groups.begin(), copy_groups.begin() + (committed - pending));
+}

@@ -231,8 +231,8 @@ static_assert(FUSED_MAX_K + FUSED_BUF <= 96, "fused_merge holds three pairs per 
 static_assert(FUSED_STRIDE % 4 == 0, "cp.async writes 16-byte pieces of each shared row");
 static_assert(FUSED_REFS == 64, "a thread's 64 accumulators are numbered v = (mt * 8 + nt) * 4 + c");
 
-// The four PTX instructions the fused pass uses. tests/fused_emulation.h supplies host
-// versions of them (and of the CUDA built-ins), so that this section also runs on a CPU.
+// The four PTX instructions the fused pass uses. tests/cuda_on_threads.h supplies host
+// versions of them (and of the CUDA built-ins), so that this file also runs on a CPU.
 #ifndef GPUSC_HOST_EMULATION
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
     asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "

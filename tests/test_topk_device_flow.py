@@ -2,16 +2,17 @@
 without a GPU: CuPy is stood in for by NumPy and each kernel of kernels/topk.cu by what it
 is defined to compute (the K smallest (key, index) pairs of every row; exact re-ranking).
 
-The fused pass also runs as written: its section of kernels/topk.cu is compiled with g++
-against tests/fused_emulation.h, which makes every CUDA thread a std::thread and computes
-mma.sync from the PTX fragment layouts. That checks its logic (selection, merges, barriers,
-the copy pipeline, fragment indexing), not the hardware: the kernels are compiled with
-NVRTC in test_kernels_compile.py and run on a GPU in the GPU-marked tests of
-test_pp_neighbors.py.
+The kernels also run as written: kernels/topk.cu is compiled with g++ against
+tests/cuda_on_threads.h, which makes every CUDA thread a std::thread and computes mma.sync
+from the PTX fragment layouts. That checks their logic (selection, merges, barriers, warp
+votes and shuffles, the copy pipeline, fragment indexing), not the hardware: the kernels
+are compiled with NVRTC in test_kernels_compile.py and run on a GPU in the GPU-marked
+tests of test_pp_neighbors.py.
 """
 
 from __future__ import annotations
 
+import ctypes
 import re
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_pp_neighbors import blobs, compare_sets, direct_knn
+from test_pp_neighbors import _exact_keys, blobs, compare_sets, direct_knn
 
 from gpusc._core import cuda
 from gpusc._kernels import topk
@@ -44,12 +45,19 @@ def _smallest(keys, idx, K):
 
 
 class _Kernel:
+    """A stand-in that records its launches and runs ``body(*args)`` (the definition) or,
+    when set, ``launch(grid, block, args, shared_mem)`` (the kernel as written, on threads)."""
+
     def __init__(self, body):
-        self.body, self.launches = body, []
+        self.body, self.launch, self.launches = body, None, []
 
     def __call__(self, grid, block, args, shared_mem=0):
         self.launches.append((grid, block, shared_mem))
-        self.body(*args)
+        self.arguments = args
+        if self.launch is not None:
+            self.launch(grid, block, args, shared_mem)
+        else:
+            self.body(*args)
 
 
 def _fused_candidates(vecs, norms, n, dim_pad, K, cand_key, cand_idx):
@@ -167,119 +175,215 @@ def test_launcher_constants_match_the_kernel_defines():
     assert value("FUSED_WARPS") * 32 == topk.FUSED_THREADS
 
 
-# ---------------------------------------------------------------- the fused kernel itself, on threads
 
-_HARNESS = r"""
-#include <cstdio>
-#include <cstdlib>
+# ---------------------------------------------------------------- the kernels as written, on threads
+
+_LAUNCHERS = r"""
 #include <thread>
 
-int main(int argc, char** argv) {
-    FILE* f = std::fopen(argv[1], "rb");
-    long long n, n_pad;
-    int dim_pad, K;
-    bool ok = std::fread(&n, 8, 1, f) && std::fread(&n_pad, 8, 1, f) && std::fread(&dim_pad, 4, 1, f)
-              && std::fread(&K, 4, 1, f);
-    std::vector<float> vecs(n_pad * dim_pad), norms(n_pad), cand_key(n * K);
-    std::vector<long long> cand_idx(n * K);
-    ok = ok && std::fread(vecs.data(), 4, vecs.size(), f) == vecs.size()
-         && std::fread(norms.data(), 4, norms.size(), f) == norms.size();
-    std::fclose(f);
-    if (!ok) return 2;
-    copies_land_early = argc > 3;
-    const int threads = FUSED_WARPS * 32;
-    blockDim.x = threads;
-    for (long long b = 0; b < n_pad / FUSED_QUERIES; ++b) {
-        blockIdx.x = (unsigned)b;
-        block_barrier = std::make_unique<std::barrier<>>(threads);
-        warps.clear();
-        for (int w = 0; w < FUSED_WARPS; ++w) warps.push_back(std::make_unique<Warp>());
-        std::memset(smem, 0xff, sizeof smem);  // shared memory starts as garbage
-        std::atomic<int> left_copies{0};
-        std::vector<std::thread> pool;
-        for (int t = 0; t < threads; ++t)
-            pool.emplace_back([&, t] {
-                threadIdx.x = t;
+// Blocks one after another on one pool of threads, a barrier between blocks.
+template <class Body>
+static int run_grid(long long gx, long long gy, unsigned bx, unsigned by, Body body) {
+    const unsigned threads = bx * by;
+    blockDim = {bx, by, 1};
+    block_barrier = std::make_unique<std::barrier<>>(threads);
+    warps.clear();
+    for (unsigned w = 0; w < (threads + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());
+    std::barrier<> between(threads);
+    std::atomic<int> left_copies{0};
+    std::vector<std::thread> pool;
+    for (unsigned t = 0; t < threads; ++t)
+        pool.emplace_back([&, t] {
+            threadIdx = {t % bx, t / bx, 0};
+            for (long long b = 0; b < gx * gy; ++b) {
+                blockIdx = {(unsigned)(b % gx), (unsigned)(b / gx), 0};
+                if (t == 0) std::memset(dynamic_smem, 0xff, sizeof dynamic_smem);  // garbage to start
+                between.arrive_and_wait();
                 copy_groups = {{}};
-                fused_candidates(vecs.data(), norms.data(), n, dim_pad, K, cand_key.data(), cand_idx.data());
+                body();
                 left_copies += copy_groups.size() != 1 || !copy_groups.back().empty();
-            });
-        for (auto& th : pool) th.join();
-        if (left_copies) return 3;  // a copy was queued and never waited for
-    }
-    f = std::fopen(argv[2], "wb");
-    std::fwrite(cand_key.data(), 4, cand_key.size(), f);
-    std::fwrite(cand_idx.data(), 8, cand_idx.size(), f);
-    std::fclose(f);
-    return 0;
+                between.arrive_and_wait();  // every thread is done with the block
+            }
+        });
+    for (auto& th : pool) th.join();
+    return left_copies ? 3 : 0;  // 3: a copy was queued and never waited for
 }
+
+extern "C" int fused(const float* vecs, const float* norms, long long n, int dim_pad, int K, float* key,
+                     long long* idx, long long grid, int early) {
+    copies_land_early = early;
+    return run_grid(grid, 1, FUSED_WARPS * 32, 1, [&] { fused_candidates(vecs, norms, n, dim_pad, K, key, idx); });
+}
+
+#define TYPED(T, NAME)                                                                                         \
+extern "C" int topk_tile_##NAME(const T* tile, long long n_q, long long n_r, long long ld, const T* qn,        \
+                                const T* rn, long long r0, T* key, long long* idx, int K, long long grid) {    \
+    return run_grid(grid, 1, 32 * WARPS_PER_BLOCK, 1,                                                          \
+                    [&] { topk_tile<T>(tile, n_q, n_r, ld, qn, rn, r0, key, idx, K); });                       \
+}                                                                                                              \
+extern "C" int manhattan_tile_##NAME(const T* xq, long long n_q, const T* xr, long long n_r, long long dim,    \
+                                     double* out, long long ld, long long gx, long long gy) {                  \
+    return run_grid(gx, gy, 16, 16, [&] { manhattan_tile<T>(xq, n_q, xr, n_r, dim, out, ld); });               \
+}
+TYPED(float, float)
+TYPED(double, double)
+
+#define RERANK(T, G, NAME)                                                                                     \
+extern "C" int rerank_##NAME(const T* x, long long n, long long dim, int metric, const long long* rows,        \
+                             long long n_q, const G* key, const long long* idx, int K, int k,                  \
+                             const double* err, long long* out_idx, double* out_dist, int* certified,         \
+                             long long grid) {                                                                 \
+    return run_grid(grid, 1, 32 * WARPS_PER_BLOCK, 1, [&] {                                                   \
+        rerank<T, G>(x, n, dim, metric, rows, n_q, key, idx, K, k, err, out_idx, out_dist, certified); });     \
+}
+RERANK(float, float, float_float)
+RERANK(float, double, float_double)
+RERANK(double, float, double_float)
+RERANK(double, double, double_double)
 """
+
+_C_TYPES = {"float": "float", "double": "double"}
 
 
 @pytest.fixture(scope="module")
-def fused_on_threads(tmp_path_factory):
-    """The fused section of kernels/topk.cu built for the CPU; a kernel stand-in that runs it."""
+def kernels_on_threads(tmp_path_factory):
+    """kernels/topk.cu built for the CPU: kernel name -> a stand-in that runs it on threads."""
     compiler = shutil.which("g++")
-    assert compiler, "g++ is needed to run the fused kernel on the CPU"
+    assert compiler, "g++ is needed to run the kernels on the CPU"
     source = cuda.kernel_source("topk")
-    section = source[source.index("// ---------------------------------------------------------------- fused"):]
-    here = tmp_path_factory.mktemp("fused")
-    (here / "fused.cpp").write_text('#include "fused_emulation.h"\n' + section + _HARNESS)
-    binary = here / "fused"
-    subprocess.run([compiler, "-std=c++20", "-O2", "-pthread", "-Wno-unknown-pragmas",
-                    f"-I{Path(__file__).parent}", str(here / "fused.cpp"), "-o", str(binary)],
-                   check=True, capture_output=True)
+    dynamic = "extern __shared__ __align__(16) unsigned char smem[];"
+    assert dynamic in source  # the one block-wide array whose size the launch sets
+    source = source.replace(dynamic, "unsigned char* smem = dynamic_smem;")
+    here = tmp_path_factory.mktemp("topk")
+    (here / "topk.cpp").write_text('#include "cuda_on_threads.h"\n' + source + _LAUNCHERS)
+    library = here / "topk.so"
+    done = subprocess.run([compiler, "-std=c++20", "-O2", "-pthread", "-shared", "-fPIC", "-Wno-unknown-pragmas",
+                           f"-I{Path(__file__).parent}", str(here / "topk.cpp"), "-o", str(library)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lib = ctypes.CDLL(str(library))
 
-    def run(vecs, norms, n, dim_pad, K, cand_key, cand_idx, copies="late"):
-        inputs, outputs = here / "in.bin", here / "out.bin"
-        with open(inputs, "wb") as f:
-            f.write(np.int64([n, vecs.shape[0]]).tobytes() + np.int32([dim_pad, K]).tobytes())
-            f.write(np.ascontiguousarray(vecs, np.float32).tobytes() + np.ascontiguousarray(norms).tobytes())
-        early = ["early"] if copies == "early" else []
-        done = subprocess.run([str(binary), str(inputs), str(outputs), *early], capture_output=True)
-        assert done.returncode == 0, f"the fused kernel on threads exited {done.returncode}"
-        out = np.fromfile(outputs, np.uint8)
-        cand_key[:] = out[: cand_key.nbytes].view(np.float32).reshape(cand_key.shape)
-        cand_idx[:] = out[cand_key.nbytes:].view(np.int64).reshape(cand_idx.shape)
+    def as_c(value):
+        if isinstance(value, np.ndarray):
+            assert value.flags.c_contiguous or value.ndim == 2 and value.strides[1] == value.itemsize
+            return ctypes.c_void_p(value.ctypes.data)
+        if isinstance(value, np.uintp):
+            return ctypes.c_void_p(int(value) or None)
+        if isinstance(value, np.int32):
+            return ctypes.c_int(int(value))
+        return ctypes.c_longlong(int(value))
 
-    return run
+    def stand_in(function, extra=()):
+        def launch(grid, block, args, shared_mem=0):
+            grid = tuple(grid) if isinstance(grid, tuple) else (grid,)
+            status = function(*(as_c(a) for a in args), *(ctypes.c_longlong(g) for g in grid), *extra)
+            assert status == 0, f"kernel on threads returned {status}"
+        return launch
 
-
-@pytest.mark.parametrize("n, dim, k", [(300, 13, 15), (517, 50, 15), (300, 64, 48), (20, 7, 15)])
-def test_fused_kernel_on_threads_keeps_the_smallest_keys(device_flow, fused_on_threads, n, dim, k):
-    kernels, _ = device_flow
-    x = blobs(n=n, dim=dim, seed=n)
-    n_cand = topk.n_candidates(k, n, topk.DEVICE_MARGIN)
-    ours_key, ours_idx = np.empty((n, n_cand), np.float32), np.empty((n, n_cand), np.int64)
-    vecs_norms = {}
-    kernels["fused_candidates"].body = lambda v, nrm, *rest: (
-        vecs_norms.update(vecs=v.copy(), norms=nrm.copy()), fused_on_threads(v, nrm, *rest))
-    key, idx, _ = topk._fused_candidates(np.asarray(x).view(_Array), n_cand, topk.METRICS["euclidean"])
-    ours_key[:], ours_idx[:] = key, idx
-    # the definition on the same rounded rows (NumPy's float32 products, summed in another order)
-    _fused_candidates(vecs_norms["vecs"], vecs_norms["norms"], n, vecs_norms["vecs"].shape[1], n_cand,
-                      ref_key := np.empty_like(ours_key), ref_idx := np.empty_like(ours_idx))
-    assert (np.diff(ours_key, axis=1) >= 0).all()
-    np.testing.assert_allclose(ours_key, ref_key, rtol=0, atol=1e-5 * float(vecs_norms["norms"][:n].max()))
-    differ = ours_idx != ref_idx
-    assert differ.mean() < 0.01  # order swaps between keys equal to within summation order
-    assert (np.sort(ours_idx[:, :-1], axis=1) == np.sort(ref_idx[:, :-1], axis=1)).mean() > 0.99
+    made = {}
+    for t in ("float", "double"):
+        made[f"topk_tile<{t}>"] = stand_in(lib[f"topk_tile_{t}"])
+        made[f"manhattan_tile<{t}>"] = stand_in(lib[f"manhattan_tile_{t}"])
+        for g in ("float", "double"):
+            made[f"rerank<{t}, {g}>"] = stand_in(lib[f"rerank_{t}_{g}"])
+    made["fused_candidates"] = stand_in(lib["fused"], (ctypes.c_int(0),))
+    made["fused_candidates early"] = stand_in(lib["fused"], (ctypes.c_int(1),))
+    return made
 
 
-@pytest.mark.parametrize("copies", ["late", "early"])
+def _as_written(kernels, kernels_on_threads, copies="late"):
+    for name, kernel in kernels.items():
+        early = copies == "early" and name == "fused_candidates"
+        kernel.launch = kernels_on_threads[name + (" early" if early else "")]
+    return kernels
+
+
+@pytest.fixture(params=["late", "early"])
+def threaded_flow(request, device_flow, kernels_on_threads):
+    """knn_device with every kernel run as written; cp.async copies landing late or early."""
+    kernels, device = device_flow
+    return _as_written(kernels, kernels_on_threads, request.param), device
+
+
 @pytest.mark.parametrize("data", ["blobs", "copies"])
-def test_fused_kernel_on_threads_gives_exact_neighbours(device_flow, fused_on_threads, data, copies):
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_fused_kernel_on_threads_gives_exact_neighbours(threaded_flow, data, metric):
     # "copies": 20 points 30 times each, so rows tie by the dozen and buffers overflow
-    kernels, _ = device_flow
-    kernels["fused_candidates"].body = lambda *args: fused_on_threads(*args, copies=copies)
+    kernels, _ = threaded_flow
     x = blobs(n=600, dim=20, seed=5) if data == "blobs" else np.repeat(blobs(n=20, dim=9), 30, axis=0)
-    idx, dist = topk.knn_device(x, 15, "euclidean")
+    idx, dist = topk.knn_device(x, 15, metric)
     assert len(kernels["fused_candidates"].launches) == 1
     if data == "copies":
         np.testing.assert_array_equal(idx[:, 0], np.arange(len(x)))
-        np.testing.assert_array_equal(dist, 0)
+        np.testing.assert_allclose(dist, 0, atol=1e-15)  # cosine of a copy: 1 - 1 to rounding
         assert (idx // 30 == np.arange(len(x))[:, None] // 30).all()  # neighbours are copies
     else:
-        assert not kernels["topk_tile<double>"].launches
-        ref_idx, ref_dist = direct_knn(x.astype(np.float64), 15, "euclidean")
+        assert not kernels["topk_tile<double>"].launches, "rows of well-separated blobs went uncertified"
+        ref_idx, ref_dist = direct_knn(x.astype(np.float64), 15, metric)
         assert compare_sets(idx, dist, ref_idx, ref_dist, rtol=1e-9, atol=1e-9) == 0
+
+
+@pytest.mark.parametrize("n, dim, k", [(300, 13, 15), (517, 50, 15), (300, 64, 48), (20, 7, 15)])
+def test_fused_kernel_on_threads_keeps_the_smallest_keys(device_flow, kernels_on_threads, n, dim, k):
+    kernels = _as_written(device_flow[0], kernels_on_threads)
+    x = blobs(n=n, dim=dim, seed=n).astype(np.float64).view(_Array)
+    n_cand = topk.n_candidates(k, n, topk.DEVICE_MARGIN)
+    key, idx, _ = topk._fused_candidates(x, n_cand, topk.METRICS["euclidean"])
+    # the definition on the same padded, rounded rows (NumPy's float32 products, summed in
+    # another order), as the launch handed them to the kernel
+    vecs, norms = kernels["fused_candidates"].arguments[:2]
+    ref_key, ref_idx = np.empty_like(key), np.empty_like(idx)
+    _fused_candidates(vecs, norms, n, vecs.shape[1], n_cand, ref_key, ref_idx)
+    assert (np.diff(key, axis=1) >= 0).all()
+    np.testing.assert_allclose(key, ref_key, rtol=0, atol=1e-5 * float(norms[:n].max()))
+    assert (idx != ref_idx).mean() < 0.01  # order swaps between keys equal but for summation order
+    assert (np.sort(idx[:, :-1], axis=1) == np.sort(ref_idx[:, :-1], axis=1)).mean() > 0.99
+
+
+def test_tile_and_redo_kernels_on_threads(device_flow, kernels_on_threads):
+    # the float32 tiles (65 dimensions), the L1 tiles, and rows that TF32 cannot certify
+    # (neighbours 1e-3 apart far from the origin) redone by the float64 tiles, all as written
+    kernels = _as_written(device_flow[0], kernels_on_threads)
+    x = blobs(n=120, dim=65, seed=2)  # small: every warp vote and shuffle is a thread barrier
+    for metric in ("euclidean", "manhattan"):
+        idx, dist = topk.knn_device(x, 10, metric, query_block=64, ref_block=50)
+        ref_idx, ref_dist = direct_knn(x.astype(np.float64), 10, metric)
+        assert compare_sets(idx, dist, ref_idx, ref_dist, rtol=1e-9, atol=1e-9) == 0
+    rng = np.random.default_rng(3)
+    close = 1000 + rng.normal(scale=1e-3, size=(120, 8))
+    close[:, 0] += 50 * rng.integers(3, size=120)
+    idx, dist = topk.knn_device(close, 6, "euclidean")
+    assert kernels["fused_candidates"].launches and kernels["topk_tile<double>"].launches
+    ref_idx, ref_dist = direct_knn(close, 6, "euclidean")
+    assert compare_sets(idx, dist, ref_idx, ref_dist, rtol=1e-9, atol=1e-12) == 0
+
+
+def test_rerank_kernel_on_threads_matches_its_host_twin(kernels_on_threads):
+    # rerank<double, float> against _rerank_host on the same lists: k = 20, so the k-th
+    # candidate sits in lane 19; the bounds straddle each row's margin, so about half the rows
+    # certify; a quarter of the lists lack the point itself (it replaces the worst candidate),
+    # a quarter carry keys that are not their candidates' (no certificate)
+    rng = np.random.default_rng(7)
+    x = blobs(n=200, dim=10, seed=7).astype(np.float64)
+    n, k, n_cand = len(x), 20, 36
+    exact = _exact_keys(x, topk.METRICS["euclidean"])
+    np.fill_diagonal(exact, -1)
+    order = np.argsort(exact, axis=1, kind="stable")
+    np.fill_diagonal(exact, 0)
+    lacks_self = rng.random(n) < 0.25
+    cand_idx = np.where(lacks_self[:, None], order[:, 1:n_cand + 1], order[:, :n_cand])
+    cand_key = np.take_along_axis(exact, cand_idx, axis=1).astype(np.float32)  # ascending, as lists are
+    mislabelled = rng.random(n) < 0.25  # slots 3 and 30 trade indices, not keys: lanes 3 and 30 object
+    cand_idx[mislabelled, 3], cand_idx[mislabelled, 30] = cand_idx[mislabelled, 30], cand_idx[mislabelled, 3]
+    margin = cand_key[:, -1] - np.sort(exact, axis=1)[:, k - 1]
+    err = np.maximum(margin * rng.uniform(0.5, 1.5, n), 1e-3)
+    rows = np.arange(n, dtype=np.int64)
+    host = topk._rerank_host(x, rows, cand_key.astype(np.float64), cand_idx, k, 0, err)
+    out_idx, out_dist, certified = np.empty((n, k), np.int64), np.empty((n, k)), np.empty(n, np.int32)
+    kernels_on_threads["rerank<double, float>"]((-(-n // topk.WARPS_PER_BLOCK),), (128,), (
+        x, np.int64(n), np.int64(10), np.int32(0), rows, np.int64(n), cand_key, cand_idx.astype(np.int64),
+        np.int32(n_cand), np.int32(k), err, out_idx, out_dist, certified))
+    assert 0.2 < host[2].mean() < 0.8
+    np.testing.assert_array_equal(certified.astype(bool), host[2])
+    np.testing.assert_array_equal(out_idx, host[0])
+    np.testing.assert_array_equal(out_dist, host[1])

@@ -1,8 +1,9 @@
-// Runs kernels/topk.cu's fused pass on a CPU: every CUDA thread of a block is a
-// std::thread, so barriers, warp votes, shared-memory atomics and races between lanes
-// behave as threads do; mma.sync is computed from the fragments of all 32 lanes with
-// the layouts of the PTX ISA, and cp.async copies land only at the matching wait.
-// Used by tests/test_topk_device_flow.py (g++ -std=c++20), never by the package.
+// Runs kernels/*.cu code on a CPU: every CUDA thread of a block is a std::thread, so
+// barriers, warp votes and shuffles, shared-memory atomics and races between lanes behave
+// as threads do; mma.sync is computed from the fragments of all 32 lanes with the layouts
+// of the PTX ISA, and cp.async copies land at their wait or at once. One block runs at a
+// time, on one pool of threads; __shared__ arrays are function statics. Used by tests/test_topk_device_flow.py
+// (g++ -std=c++20), never by the package.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -16,40 +17,59 @@
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __shared__
+#define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 #define FULL_MASK 0xffffffffu
+using std::isfinite;
 using std::min;
 
 struct dim3 { unsigned x = 0, y = 0, z = 0; };
-inline dim3 blockIdx, blockDim;            // one block runs at a time
-inline thread_local dim3 threadIdx;
-alignas(16) inline unsigned char smem[256 * 1024];
+inline dim3 blockDim;
+inline thread_local dim3 blockIdx, threadIdx;
+alignas(16) inline unsigned char dynamic_smem[256 * 1024];  // the block's extern __shared__
 
 struct Warp {
     std::barrier<> sync{32};
-    int vote[32];
+    long long word[32];  // what each lane puts in for a vote or a shuffle
     unsigned a[32][4], b[32][2];
 };
 inline std::unique_ptr<std::barrier<>> block_barrier;
 inline std::vector<std::unique_ptr<Warp>> warps;
 
-inline Warp& my_warp() { return *warps[threadIdx.x / 32]; }
-inline int my_lane() { return threadIdx.x % 32; }
+inline int my_thread() { return (int)(threadIdx.x + threadIdx.y * blockDim.x); }
+inline Warp& my_warp() { return *warps[my_thread() / 32]; }
+inline int my_lane() { return my_thread() % 32; }
 
 inline void __syncthreads() { block_barrier->arrive_and_wait(); }
 inline void __syncwarp(unsigned = FULL_MASK) { my_warp().sync.arrive_and_wait(); }
 
-inline bool __any_sync(unsigned, bool predicate) {
+// Every lane puts in a word and gets all 32 back (full warps only, as the kernels use them).
+template <typename T>
+inline std::vector<T> exchange(T value) {
+    static_assert(sizeof(T) <= sizeof(long long));
     Warp& w = my_warp();
-    w.vote[my_lane()] = predicate;
+    std::memcpy(&w.word[my_lane()], &value, sizeof(T));
     w.sync.arrive_and_wait();
-    bool any = false;
-    for (int lane = 0; lane < 32; ++lane) any |= w.vote[lane] != 0;
-    w.sync.arrive_and_wait();  // every lane has read the votes before they change
-    return any;
+    std::vector<T> all(32);
+    for (int lane = 0; lane < 32; ++lane) std::memcpy(&all[lane], &w.word[lane], sizeof(T));
+    w.sync.arrive_and_wait();  // every lane has read the words before they change
+    return all;
 }
+
+inline bool __any_sync(unsigned, bool p) { auto v = exchange<int>(p); return std::any_of(v.begin(), v.end(), [](int x) { return x; }); }
+inline bool __all_sync(unsigned, bool p) { auto v = exchange<int>(p); return std::all_of(v.begin(), v.end(), [](int x) { return x; }); }
+inline unsigned __ballot_sync(unsigned, bool p) {
+    auto v = exchange<int>(p);
+    unsigned bits = 0;
+    for (int lane = 0; lane < 32; ++lane) bits |= (v[lane] ? 1u : 0u) << lane;
+    return bits;
+}
+inline int __reduce_add_sync(unsigned, int value) { auto v = exchange(value); int s = 0; for (int x : v) s += x; return s; }
+template <typename T> inline T __shfl_sync(unsigned, T value, int src) { return exchange(value)[src & 31]; }
+template <typename T> inline T __shfl_xor_sync(unsigned, T value, int mask) { return exchange(value)[(my_lane() ^ mask) & 31]; }
+inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
+inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
 
 inline int atomicAdd(int* address, int value) { return std::atomic_ref<int>(*address).fetch_add(value); }
 

@@ -2,15 +2,17 @@
 // barriers, warp votes and shuffles, shared-memory atomics and races between lanes behave
 // as threads do; mma.sync is computed from the fragments of all 32 lanes with the layouts
 // of the PTX ISA, and cp.async copies land at their wait or at once. One block runs at a
-// time, on one pool of threads; __shared__ arrays are function statics. Used by tests/test_topk_device_flow.py
-// (g++ -std=c++20), never by the package.
+// time, on one pool of threads; __shared__ arrays are function statics. Built (g++
+// -std=c++20) by tests/_on_threads.py for the tests, never by the package.
 #pragma once
 #include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #define GPUSC_HOST_EMULATION 1
@@ -35,6 +37,7 @@ struct Warp {
     unsigned a[32][4], b[32][2];
 };
 inline std::unique_ptr<std::barrier<>> block_barrier;
+inline bool copies_land_early = false;  // see copy16_async
 inline std::vector<std::unique_ptr<Warp>> warps;
 
 inline int my_thread() { return (int)(threadIdx.x + threadIdx.y * blockDim.x); }
@@ -68,10 +71,19 @@ inline unsigned __ballot_sync(unsigned, bool p) {
 inline int __reduce_add_sync(unsigned, int value) { auto v = exchange(value); int s = 0; for (int x : v) s += x; return s; }
 template <typename T> inline T __shfl_sync(unsigned, T value, int src) { return exchange(value)[src & 31]; }
 template <typename T> inline T __shfl_xor_sync(unsigned, T value, int mask) { return exchange(value)[(my_lane() ^ mask) & 31]; }
+template <typename T> inline T __shfl_down_sync(unsigned, T value, int delta) {
+    auto v = exchange(value);
+    return my_lane() + delta < 32 ? v[my_lane() + delta] : value;
+}
+template <typename T> inline T __shfl_up_sync(unsigned, T value, int delta) {
+    auto v = exchange(value);
+    return my_lane() >= delta ? v[my_lane() - delta] : value;
+}
 inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
 inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
 
-inline int atomicAdd(int* address, int value) { return std::atomic_ref<int>(*address).fetch_add(value); }
+template <typename T>
+inline T atomicAdd(T* address, T value) { return std::atomic_ref<T>(*address).fetch_add(value); }
 
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
@@ -103,6 +115,9 @@ inline void mma_tf32(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigne
     const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
     for (int c = 0; c < 4; ++c)
         for (int k = 0; k < 8; ++k) d[c] += A[rows[c]][k] * B[k][cols[c]];
+    // With copies landing early, odd warps lag behind: a stage refilled while a slower warp
+    // still multiplies it then shows in the results.
+    if (copies_land_early && my_thread() / 32 % 2) std::this_thread::sleep_for(std::chrono::microseconds(20));
 }
 
 // cp.async: a copy lands at the latest when a wait releases its group. copies_land_early
@@ -110,7 +125,6 @@ inline void mma_tf32(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigne
 // finds reads before the wait, the second refills of a stage that another warp still reads.
 struct Copy { void* dst; const void* src; };
 inline thread_local std::vector<std::vector<Copy>> copy_groups{{}};
-inline bool copies_land_early = false;
 
 inline void copy16_async(void* shared, const void* global) {
     if (copies_land_early) std::memcpy(shared, global, 16);

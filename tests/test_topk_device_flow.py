@@ -2,25 +2,20 @@
 without a GPU: CuPy is stood in for by NumPy and each kernel of kernels/topk.cu by what it
 is defined to compute (the K smallest (key, index) pairs of every row; exact re-ranking).
 
-The kernels also run as written: kernels/topk.cu is compiled with g++ against
-tests/cuda_on_threads.h, which makes every CUDA thread a std::thread and computes mma.sync
-from the PTX fragment layouts. That checks their logic (selection, merges, barriers, warp
-votes and shuffles, the copy pipeline, fragment indexing), not the hardware: the kernels
-are compiled with NVRTC in test_kernels_compile.py and run on a GPU in the GPU-marked
-tests of test_pp_neighbors.py.
+The kernels also run as written (tests/_on_threads.py: every CUDA thread a std::thread,
+mma.sync from the PTX fragment layouts), which checks their logic (selection, merges,
+barriers, warp votes and shuffles, the copy pipeline, fragment indexing), not the
+hardware: the kernels are compiled with NVRTC in test_kernels_compile.py and run on a GPU
+in the GPU-marked tests of test_pp_neighbors.py.
 """
 
 from __future__ import annotations
 
-import ctypes
 import re
-import shutil
-import subprocess
 import sys
 import types
 
-from pathlib import Path
-
+import _on_threads as on_threads
 import numpy as np
 import pytest
 from test_pp_neighbors import _exact_keys, blobs, compare_sets, direct_knn
@@ -178,123 +173,15 @@ def test_launcher_constants_match_the_kernel_defines():
 
 # ---------------------------------------------------------------- the kernels as written, on threads
 
-_LAUNCHERS = r"""
-#include <thread>
-
-// Blocks one after another on one pool of threads, a barrier between blocks.
-template <class Body>
-static int run_grid(long long gx, long long gy, unsigned bx, unsigned by, Body body) {
-    const unsigned threads = bx * by;
-    blockDim = {bx, by, 1};
-    block_barrier = std::make_unique<std::barrier<>>(threads);
-    warps.clear();
-    for (unsigned w = 0; w < (threads + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());
-    std::barrier<> between(threads);
-    std::atomic<int> left_copies{0};
-    std::vector<std::thread> pool;
-    for (unsigned t = 0; t < threads; ++t)
-        pool.emplace_back([&, t] {
-            threadIdx = {t % bx, t / bx, 0};
-            for (long long b = 0; b < gx * gy; ++b) {
-                blockIdx = {(unsigned)(b % gx), (unsigned)(b / gx), 0};
-                if (t == 0) std::memset(dynamic_smem, 0xff, sizeof dynamic_smem);  // garbage to start
-                between.arrive_and_wait();
-                copy_groups = {{}};
-                body();
-                left_copies += copy_groups.size() != 1 || !copy_groups.back().empty();
-                between.arrive_and_wait();  // every thread is done with the block
-            }
-        });
-    for (auto& th : pool) th.join();
-    return left_copies ? 3 : 0;  // 3: a copy was queued and never waited for
-}
-
-extern "C" int fused(const float* vecs, const float* norms, long long n, int dim_pad, int K, float* key,
-                     long long* idx, long long grid, int early) {
-    copies_land_early = early;
-    return run_grid(grid, 1, FUSED_WARPS * 32, 1, [&] { fused_candidates(vecs, norms, n, dim_pad, K, key, idx); });
-}
-
-#define TYPED(T, NAME)                                                                                         \
-extern "C" int topk_tile_##NAME(const T* tile, long long n_q, long long n_r, long long ld, const T* qn,        \
-                                const T* rn, long long r0, T* key, long long* idx, int K, long long grid) {    \
-    return run_grid(grid, 1, 32 * WARPS_PER_BLOCK, 1,                                                          \
-                    [&] { topk_tile<T>(tile, n_q, n_r, ld, qn, rn, r0, key, idx, K); });                       \
-}                                                                                                              \
-extern "C" int manhattan_tile_##NAME(const T* xq, long long n_q, const T* xr, long long n_r, long long dim,    \
-                                     double* out, long long ld, long long gx, long long gy) {                  \
-    return run_grid(gx, gy, 16, 16, [&] { manhattan_tile<T>(xq, n_q, xr, n_r, dim, out, ld); });               \
-}
-TYPED(float, float)
-TYPED(double, double)
-
-#define RERANK(T, G, NAME)                                                                                     \
-extern "C" int rerank_##NAME(const T* x, long long n, long long dim, int metric, const long long* rows,        \
-                             long long n_q, const G* key, const long long* idx, int K, int k,                  \
-                             const double* err, long long* out_idx, double* out_dist, int* certified,         \
-                             long long grid) {                                                                 \
-    return run_grid(grid, 1, 32 * WARPS_PER_BLOCK, 1, [&] {                                                   \
-        rerank<T, G>(x, n, dim, metric, rows, n_q, key, idx, K, k, err, out_idx, out_dist, certified); });     \
-}
-RERANK(float, float, float_float)
-RERANK(float, double, float_double)
-RERANK(double, float, double_float)
-RERANK(double, double, double_double)
-"""
-
-_C_TYPES = {"float": "float", "double": "double"}
-
-
 @pytest.fixture(scope="module")
 def kernels_on_threads(tmp_path_factory):
-    """kernels/topk.cu built for the CPU: kernel name -> a stand-in that runs it on threads."""
-    compiler = shutil.which("g++")
-    assert compiler, "g++ is needed to run the kernels on the CPU"
-    source = cuda.kernel_source("topk")
-    dynamic = "extern __shared__ __align__(16) unsigned char smem[];"
-    assert dynamic in source  # the one block-wide array whose size the launch sets
-    source = source.replace(dynamic, "unsigned char* smem = dynamic_smem;")
-    here = tmp_path_factory.mktemp("topk")
-    (here / "topk.cpp").write_text('#include "cuda_on_threads.h"\n' + source + _LAUNCHERS)
-    library = here / "topk.so"
-    done = subprocess.run([compiler, "-std=c++20", "-O2", "-pthread", "-shared", "-fPIC", "-Wno-unknown-pragmas",
-                           f"-I{Path(__file__).parent}", str(here / "topk.cpp"), "-o", str(library)],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lib = ctypes.CDLL(str(library))
-
-    def as_c(value):
-        if isinstance(value, np.ndarray):
-            assert value.flags.c_contiguous or value.ndim == 2 and value.strides[1] == value.itemsize
-            return ctypes.c_void_p(value.ctypes.data)
-        if isinstance(value, np.uintp):
-            return ctypes.c_void_p(int(value) or None)
-        if isinstance(value, np.int32):
-            return ctypes.c_int(int(value))
-        return ctypes.c_longlong(int(value))
-
-    def stand_in(function, extra=()):
-        def launch(grid, block, args, shared_mem=0):
-            grid = tuple(grid) if isinstance(grid, tuple) else (grid,)
-            status = function(*(as_c(a) for a in args), *(ctypes.c_longlong(g) for g in grid), *extra)
-            assert status == 0, f"kernel on threads returned {status}"
-        return launch
-
-    made = {}
-    for t in ("float", "double"):
-        made[f"topk_tile<{t}>"] = stand_in(lib[f"topk_tile_{t}"])
-        made[f"manhattan_tile<{t}>"] = stand_in(lib[f"manhattan_tile_{t}"])
-        for g in ("float", "double"):
-            made[f"rerank<{t}, {g}>"] = stand_in(lib[f"rerank_{t}_{g}"])
-    made["fused_candidates"] = stand_in(lib["fused"], (ctypes.c_int(0),))
-    made["fused_candidates early"] = stand_in(lib["fused"], (ctypes.c_int(1),))
-    return made
+    return on_threads.build("topk", tmp_path_factory.mktemp("topk"))
 
 
 def _as_written(kernels, kernels_on_threads, copies="late"):
     for name, kernel in kernels.items():
-        early = copies == "early" and name == "fused_candidates"
-        kernel.launch = kernels_on_threads[name + (" early" if early else "")]
+        kernel.launch = kernels_on_threads[name]
+        kernel.launch.copies = copies
     return kernels
 
 

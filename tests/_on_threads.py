@@ -32,6 +32,7 @@ template <class Body>
 static int run_grid(long long gx, long long gy, unsigned bx, unsigned by, Body body) {
     const unsigned threads = bx * by;
     blockDim = {bx, by, 1};
+    gridDim = {(unsigned)gx, (unsigned)gy, 1};
     block_barrier = std::make_unique<std::barrier<>>(threads);
     warps.clear();
     for (unsigned w = 0; w < (threads + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());

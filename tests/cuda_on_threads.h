@@ -24,10 +24,12 @@
 #define __launch_bounds__(...)
 #define FULL_MASK 0xffffffffu
 using std::isfinite;
+using std::max;
 using std::min;
+using std::signbit;
 
 struct dim3 { unsigned x = 0, y = 0, z = 0; };
-inline dim3 blockDim;
+inline dim3 blockDim, gridDim;
 inline thread_local dim3 blockIdx, threadIdx;
 alignas(16) inline unsigned char dynamic_smem[256 * 1024];  // the block's extern __shared__
 
@@ -81,9 +83,13 @@ template <typename T> inline T __shfl_up_sync(unsigned, T value, int delta) {
 }
 inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
 inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
+inline long long __double_as_longlong(double d) { long long i; std::memcpy(&i, &d, 8); return i; }
+inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
 
 template <typename T>
 inline T atomicAdd(T* address, T value) { return std::atomic_ref<T>(*address).fetch_add(value); }
+template <typename T>
+inline T atomicOr(T* address, T value) { return std::atomic_ref<T>(*address).fetch_or(value); }
 
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }

@@ -62,6 +62,7 @@ __device__ __forceinline__ void row_top_values(const Rows& rows, long long b, lo
                     if (lane >= off) incl += up;
                 }
                 const int rest = st.k_rest, excl = incl - own;
+                __syncwarp();  // every lane has read k_rest before the one that finds the digit writes it
                 if (excl < rest && rest <= incl) {
                     int before = excl, d = 0;
                     while (before + st.hist[top_digit - d] < rest) before += st.hist[top_digit - d++];

@@ -70,8 +70,8 @@ static int launch(void (*kernel)(P...), void** args, long long gx, long long gy,
 }
 """
 
-_CELLS = {np.int64: ctypes.c_longlong, np.int32: ctypes.c_int, np.uint32: ctypes.c_uint,
-          np.float64: ctypes.c_double, np.float32: ctypes.c_float}
+_CELLS = {np.int64: ctypes.c_longlong, np.int32: ctypes.c_int, np.uint64: ctypes.c_ulonglong,
+          np.uint32: ctypes.c_uint, np.float64: ctypes.c_double, np.float32: ctypes.c_float}
 
 
 def _cell(value):

@@ -59,11 +59,6 @@ def _host_mask(row_mask) -> np.ndarray:
     return np.zeros(0, np.uint8) if row_mask is None else np.asarray(row_mask, np.uint8)
 
 
-    x = x.copy()
-    x.sum_duplicates()
-    return x
-
-
 class Moments(NamedTuple):
     """Per-gene float64 sums and sums of squares, and the value flags (FLAG_* bits)."""
 

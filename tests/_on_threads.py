@@ -16,6 +16,8 @@ import importlib
 import re
 import shutil
 import subprocess
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +123,25 @@ def build(family: str, where: Path) -> dict[str, Kernel]:
     assert done.returncode == 0, done.stderr[-3000:]
     lib = ctypes.CDLL(str(library))
     return {name: Kernel(lib[f"launch_{i}"]) for i, name in enumerate(names)}
+
+
+class DeviceArray(np.ndarray):
+    """A NumPy array with CuPy's ``get()``: what :func:`numpy_as_cupy`'s functions return."""
+
+    def get(self):
+        return np.asarray(self)
+
+
+def numpy_as_cupy(monkeypatch, shared_memory_optin: int = 232448):
+    """Install a ``cupy`` module whose array makers are NumPy's (returning DeviceArray), so a
+    device launcher runs its own code on the host; its kernels are the tests' to stand in.
+    Returns the module; ``cupy.cuda.Device().attributes`` holds the shared-memory limit."""
+    fake = types.ModuleType("cupy")
+    for name in ("asarray", "zeros", "full", "empty", "arange", "flatnonzero", "sqrt", "where",
+                 "ascontiguousarray"):
+        make = getattr(np, name)
+        setattr(fake, name, lambda *a, make=make, **k: np.asarray(make(*a, **k)).view(DeviceArray))
+    device = types.SimpleNamespace(attributes={"MaxSharedMemoryPerBlockOptin": shared_memory_optin})
+    fake.cuda = types.SimpleNamespace(Device=lambda: device)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    return fake

@@ -513,29 +513,34 @@ def test_qc_noninteger_and_flags(built, layout, value_type, index_type):
 # ============================================================ umap
 
 
-def _layout_on_threads(built, embedding, head, tail, eps, n_epochs, a, b, gamma, alpha, rate, seed,
+def _layout_on_threads(built, monkeypatch, embedding, head, tail, eps, n_epochs, a, b, gamma, alpha, rate, seed,
                        index_type=None):
-    """umap.optimize_layout_device, line by line; index_type forces the index instantiation
-    (the launcher takes int64 only past 2^31 vertices)."""
-    emb, head_h, tail_h, eps_h, eps_neg_h = umap._prepare(embedding, head, tail, eps, rate)
+    """umap.optimize_layout_device itself, NumPy standing in for CuPy and its kernels on
+    threads; index_type forces the index instantiation (the launcher takes int64 only past
+    2^31 vertices). Returns the layout and the epoch kernel's last sampling schedules."""
+    on_threads.numpy_as_cupy(monkeypatch)
     if index_type is not None:
-        head_h, tail_h = head_h.astype(index_type), tail_h.astype(index_type)
-    n_vertices, dim = emb.shape
-    n_edges = head_h.size
-    acc = np.zeros(emb.shape, np.int64)
-    next_sample, next_negative = eps_h.copy(), eps_neg_h.copy()
-    epoch_kernel = built["umap"][cuda.template_name("umap_epoch", head_h.dtype)]
-    apply_kernel = built["umap"]["umap_apply"]
-    size = n_vertices * dim
-    for epoch in range(int(n_epochs)):
-        rate_e = float(alpha) * (1.0 - float(epoch) / float(n_epochs))
-        cuda.launch(epoch_kernel, -(-n_edges // umap.BLOCK), umap.BLOCK, (
-            emb, acc, head_h, tail_h, np.int64(n_edges), np.int32(dim), np.int64(n_vertices),
-            eps_h, eps_neg_h, next_sample, next_negative, np.float64(a), np.float64(b),
-            np.float64(gamma), np.float64(rate_e), np.int64(epoch), np.uint64(seed)))
-        cuda.launch(apply_kernel, -(-size // umap.BLOCK), umap.BLOCK, (emb, acc, np.int64(size)))
-    assert not acc.any()  # umap_apply clears the accumulator
-    return emb, next_sample, next_negative
+        prepare = umap._prepare
+
+        def prepare_as(*args):
+            emb, head_h, tail_h, *schedules = prepare(*args)
+            return emb, head_h.astype(index_type), tail_h.astype(index_type), *schedules
+
+        monkeypatch.setattr(umap, "_prepare", prepare_as)
+    launched = {}
+
+    def kernel(name):
+        def launch(grid, block, args, shared_mem=0):
+            launched[name] = args
+            built["umap"][name](grid, block, args, shared_mem=shared_mem)
+        return launch
+
+    monkeypatch.setattr(umap, "_kernel", kernel)
+    emb = umap.optimize_layout_device(embedding, head, tail, eps, n_epochs, a, b, gamma, alpha, rate, seed)
+    (epoch_args,) = (args for name, args in launched.items() if name.startswith("umap_epoch"))
+    assert epoch_args[2].dtype == (index_type or np.int32)
+    assert not epoch_args[1].any()  # umap_apply clears the accumulator
+    return emb, epoch_args[9], epoch_args[10]
 
 
 def _graph(n=14, dim=2, seed=16, uniform=False):
@@ -554,7 +559,7 @@ def _graph(n=14, dim=2, seed=16, uniform=False):
 
 @pytest.mark.parametrize(("n_epochs", "uniform"), [(2, True), (11, False)])
 @pytest.mark.parametrize("index_type", [None, np.int64])
-def test_umap_layout_epochs(built, index_type, n_epochs, uniform):
+def test_umap_layout_epochs(built, monkeypatch, index_type, n_epochs, uniform):
     # uniform weights, 2 epochs: every edge is due at epoch 1 (epoch 0 samples none: eps >= 1,
     # as umap-learn), one full epoch with its negative samples; then 11 epochs of a weighted
     # graph. The negative samples are the same hash on both sides, the moves integer
@@ -563,8 +568,8 @@ def test_umap_layout_epochs(built, index_type, n_epochs, uniform):
     eps = umap.epochs_per_sample(w, n_epochs)
     seed = 0xD1B54A32D192ED03  # as umap.seed_from draws them: all 64 bits, the top one set
     params = dict(n_epochs=n_epochs, a=1.577, b=0.895, gamma=1.0, alpha=1.0)
-    got, next_sample, next_negative = _layout_on_threads(built, start, head, tail, eps, **params, rate=5.0,
-                                                         seed=seed, index_type=index_type)
+    got, next_sample, next_negative = _layout_on_threads(built, monkeypatch, start, head, tail, eps, **params,
+                                                         rate=5.0, seed=seed, index_type=index_type)
     expected = umap.optimize_layout_host(start, head, tail, eps, **params, negative_sample_rate=5.0,
                                          seed=seed)
     np.testing.assert_array_equal(got, expected)
@@ -573,7 +578,7 @@ def test_umap_layout_epochs(built, index_type, n_epochs, uniform):
     assert (next_sample > eps[keep]).all()  # every edge was sampled at least once
     assert (next_negative > eps[keep] / 5.0).all()  # and drew negative samples
     # without negative samples: the same for the attractive moves alone
-    got = _layout_on_threads(built, start, head, tail, eps, **params, rate=0.0, seed=seed,
+    got = _layout_on_threads(built, monkeypatch, start, head, tail, eps, **params, rate=0.0, seed=seed,
                              index_type=index_type)[0]
     np.testing.assert_array_equal(got, umap.optimize_layout_host(start, head, tail, eps, **params,
                                                                  negative_sample_rate=0.0, seed=seed))

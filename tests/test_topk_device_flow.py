@@ -12,8 +12,6 @@ in the GPU-marked tests of test_pp_neighbors.py.
 from __future__ import annotations
 
 import re
-import sys
-import types
 
 import _on_threads as on_threads
 import numpy as np
@@ -22,15 +20,6 @@ from test_pp_neighbors import _exact_keys, blobs, compare_sets, direct_knn
 
 from gpusc._core import cuda
 from gpusc._kernels import topk
-
-
-class _Array(np.ndarray):
-    def get(self):
-        return np.asarray(self)
-
-
-def _on_device(fn):
-    return lambda *args, **kwargs: np.asarray(fn(*args, **kwargs)).view(_Array)
 
 
 def _smallest(keys, idx, K):
@@ -92,13 +81,7 @@ def _rerank(x, n, dim, code, rows, n_q, cand_key, cand_idx, K, k, err, out_idx, 
 @pytest.fixture
 def device_flow(monkeypatch):
     """knn_device with NumPy as CuPy and the kernels emulated; yields the launch records."""
-    fake = types.ModuleType("cupy")
-    for name in ("asarray", "zeros", "full", "empty", "arange", "flatnonzero", "sqrt", "where",
-                 "ascontiguousarray"):
-        setattr(fake, name, _on_device(getattr(np, name)))
-    device = types.SimpleNamespace(attributes={"MaxSharedMemoryPerBlockOptin": 232448})
-    fake.cuda = types.SimpleNamespace(Device=lambda: device)
-    monkeypatch.setitem(sys.modules, "cupy", fake)
+    device = on_threads.numpy_as_cupy(monkeypatch).cuda.Device()
     kernels = {"fused_candidates": _Kernel(_fused_candidates)}
     for t in ("float", "double"):
         kernels[f"topk_tile<{t}>"] = _Kernel(_topk_tile)
@@ -213,7 +196,7 @@ def test_fused_kernel_on_threads_gives_exact_neighbours(threaded_flow, data, met
 @pytest.mark.parametrize("n, dim, k", [(300, 13, 15), (517, 50, 15), (300, 64, 48), (20, 7, 15)])
 def test_fused_kernel_on_threads_keeps_the_smallest_keys(device_flow, kernels_on_threads, n, dim, k):
     kernels = _as_written(device_flow[0], kernels_on_threads)
-    x = blobs(n=n, dim=dim, seed=n).astype(np.float64).view(_Array)
+    x = blobs(n=n, dim=dim, seed=n).astype(np.float64).view(on_threads.DeviceArray)
     n_cand = topk.n_candidates(k, n, topk.DEVICE_MARGIN)
     key, idx, _ = topk._fused_candidates(x, n_cand, topk.METRICS["euclidean"])
     # the definition on the same padded, rounded rows (NumPy's float32 products, summed in

@@ -18,6 +18,15 @@ from scipy import sparse
 from conftest import tolerance
 
 
+def adata_of(x, batches=None) -> ad.AnnData:
+    """An AnnData around ``x`` with named cells and genes and, given, obs['batch']."""
+    n_obs, n_vars = x.shape
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(n_obs)])
+    if batches is not None:
+        obs["batch"] = batches
+    return ad.AnnData(x, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(n_vars)]))
+
+
 # ---------------------------------------------------------------- array placement
 
 def is_device(x) -> bool:

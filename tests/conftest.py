@@ -100,22 +100,40 @@ def synthetic_counts(n_obs=300, n_vars=200, *, dtype=np.float32, density=0.1, se
     return x
 
 
-@pytest.fixture(scope="session")
-def pbmc_graph():
-    """1,500 pbmc3k cells through scanpy: normalize_total, log1p, hvg 2000, pca 50,
-    neighbors 15 (exact, sklearn): the graph the tl tests compare on. Copy before writing."""
+def scanpy_pca(adata):
+    """scanpy's own normalize_total, log1p, highly_variable_genes(2000) and pca(50, on the
+    HVGs), in place: the representation the neighbour and graph tests compare on."""
     import warnings
 
     import scanpy as sc
 
-    adata = read_real("pbmc3k_counts_labeled.h5ad")
-    rng = np.random.default_rng(0)
-    adata = adata[np.sort(rng.choice(adata.n_obs, 1500, replace=False))].copy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sc.pp.normalize_total(adata)
         sc.pp.log1p(adata)
         sc.pp.highly_variable_genes(adata, n_top_genes=2000)
         sc.pp.pca(adata, n_comps=50, mask_var="highly_variable")
+    return adata
+
+
+@pytest.fixture(scope="session")
+def pbmc_pca():
+    """pbmc3k's X_pca from :func:`scanpy_pca`, C-ordered."""
+    return np.ascontiguousarray(scanpy_pca(read_real("pbmc3k_counts_labeled.h5ad")).obsm["X_pca"])
+
+
+@pytest.fixture(scope="session")
+def pbmc_graph():
+    """1,500 pbmc3k cells through :func:`scanpy_pca`, then neighbors 15 (exact, sklearn):
+    the graph the tl tests compare on. Copy before writing."""
+    import warnings
+
+    import scanpy as sc
+
+    adata = read_real("pbmc3k_counts_labeled.h5ad")
+    rng = np.random.default_rng(0)
+    adata = scanpy_pca(adata[np.sort(rng.choice(adata.n_obs, 1500, replace=False))].copy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         sc.pp.neighbors(adata, n_neighbors=15, transformer="sklearn")
     return adata

@@ -14,7 +14,6 @@ from __future__ import annotations
 import inspect
 import warnings
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -22,7 +21,7 @@ import scanpy as sc
 from scipy import sparse
 
 import gpusc
-from _compare import to_host
+from _compare import adata_of, to_host
 from conftest import read_real, synthetic_counts
 from gpusc._kernels.hvg import gene_moments, pearson_residual_sums
 
@@ -53,14 +52,6 @@ def assert_same(got: pd.DataFrame, expected: pd.DataFrame):
             np.testing.assert_array_equal(g, e, err_msg=col)  # NaN == NaN here
         else:
             np.testing.assert_allclose(g, e, rtol=RTOL, atol=0, equal_nan=True, err_msg=col)
-
-
-def _adata(x, batches=None):
-    n_obs, n_vars = x.shape
-    obs = pd.DataFrame(index=[f"c{i}" for i in range(n_obs)])
-    if batches is not None:
-        obs["batch"] = batches
-    return ad.AnnData(x, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(n_vars)]))
 
 
 # ---------------------------------------------------------------- real data
@@ -128,9 +119,9 @@ def _synthetic(dtype, seed=0):
 def test_synthetic_every_type(array_type, dtype):
     x, batches = _synthetic(dtype)
     for batch_key, n_top in ((None, 40), ("batch", 40), ("batch", 149)):
-        expected = _scanpy(_adata(sparse.csr_matrix(x), batches), n_top_genes=n_top,
+        expected = _scanpy(adata_of(sparse.csr_matrix(x), batches), n_top_genes=n_top,
                            batch_key=batch_key)
-        test = _adata(array_type(x.copy()), batches)
+        test = adata_of(array_type(x.copy()), batches)
         got = _ours(test, n_top_genes=n_top, batch_key=batch_key)
         assert_same(got, expected)
         after = to_host(test.X)
@@ -139,7 +130,7 @@ def test_synthetic_every_type(array_type, dtype):
 
 def test_theta_clip_and_layer():
     x, batches = _synthetic(np.float64, seed=1)
-    ref = _adata(np.zeros_like(x), batches)
+    ref = adata_of(np.zeros_like(x), batches)
     ref.layers["counts"] = sparse.csr_matrix(x)
     for kwargs in ({"theta": 5.0, "clip": 3.0}, {"theta": 1000.0, "clip": 1.5},
                    {"theta": 50, "clip": np.inf}):
@@ -156,7 +147,7 @@ def test_exact_ties_with_tight_clip():
     exact arithmetic, 1e-16 apart in float). The selection matches scanpy; ranks differ only
     inside tie groups (14 of 150 genes on this seed), never for an untied gene."""
     x, batches = _synthetic(np.float64, seed=1)
-    adata = _adata(sparse.csr_matrix(x), batches)
+    adata = adata_of(sparse.csr_matrix(x), batches)
     kwargs = {"n_top_genes": 30, "batch_key": "batch", "theta": 1000.0, "clip": 0.5}
     expected, got = _scanpy(adata, **kwargs), _ours(adata, **kwargs)
     for col in SELECTION:
@@ -180,7 +171,7 @@ def test_exact_ties_with_tight_clip():
 def test_clip_none_uses_first_sorted_batch():
     # batches "a" (60 cells) sorts first: clip = sqrt(60) for every batch, as scanpy
     x, batches = _synthetic(np.float64, seed=2)
-    adata = _adata(sparse.csr_matrix(x), pd.Categorical(batches, categories=["c", "b", "a"]))
+    adata = adata_of(sparse.csr_matrix(x), pd.Categorical(batches, categories=["c", "b", "a"]))
     got = _ours(adata, n_top_genes=40, batch_key="batch")
     assert_same(got, _scanpy(adata, n_top_genes=40, batch_key="batch"))
     explicit = _ours(adata, n_top_genes=40, batch_key="batch", clip=np.sqrt(60))
@@ -190,7 +181,7 @@ def test_clip_none_uses_first_sorted_batch():
 def test_cell_without_counts_gives_nan_like_scanpy():
     x, _ = _synthetic(np.float64, seed=3)
     x[5] = 0
-    adata = _adata(sparse.csr_matrix(x))
+    adata = adata_of(sparse.csr_matrix(x))
     expected = _scanpy(adata, n_top_genes=20)
     # NaN for every gene with counts (genes without counts are left out: 0)
     np.testing.assert_array_equal(expected["residual_variances"].isna(), x.sum(axis=0) != 0)
@@ -199,7 +190,7 @@ def test_cell_without_counts_gives_nan_like_scanpy():
 
 def test_integer_counts():
     x, batches = _synthetic(np.float64, seed=4)
-    adata = _adata(x.astype(np.int64), batches)
+    adata = adata_of(x.astype(np.int64), batches)
     assert_same(_ours(adata, n_top_genes=25, batch_key="batch"),
                 _scanpy(adata, n_top_genes=25, batch_key="batch"))
 
@@ -240,14 +231,14 @@ def test_int64_indices_match_int32(fmt):
     small = sparse.csr_matrix(x) if fmt == "csr" else sparse.csc_matrix(x)
     large = small.copy()
     large.indices, large.indptr = large.indices.astype(np.int64), large.indptr.astype(np.int64)
-    a, b = _ours(_adata(small, batches), n_top_genes=30, batch_key="batch"), _ours(
-        _adata(large, batches), n_top_genes=30, batch_key="batch")
+    a, b = _ours(adata_of(small, batches), n_top_genes=30, batch_key="batch"), _ours(
+        adata_of(large, batches), n_top_genes=30, batch_key="batch")
     pd.testing.assert_frame_equal(a, b, check_exact=True)
 
 
 def test_subset_and_inplace_false_leave_adata():
     x, batches = _synthetic(np.float32, seed=6)
-    adata = _adata(sparse.csr_matrix(x), batches)
+    adata = adata_of(sparse.csr_matrix(x), batches)
     before = adata.copy()
     expected = _scanpy(adata, n_top_genes=30, batch_key="batch", subset=True)
     got = _ours(adata, n_top_genes=30, batch_key="batch", subset=True)
@@ -258,7 +249,7 @@ def test_subset_and_inplace_false_leave_adata():
 
 def test_default_flavor_dispatch_and_signature():
     x, _ = _synthetic(np.float32, seed=7)
-    adata = _adata(sparse.csr_matrix(x))
+    adata = adata_of(sparse.csr_matrix(x))
     got = gpusc.pp.highly_variable_genes(adata, flavor="pearson_residuals", n_top_genes=30,
                                          inplace=False)
     assert_same(got, _scanpy(adata, n_top_genes=30))
@@ -288,7 +279,7 @@ def _assert_unchanged(adata, before):
 ])
 def test_errors_leave_adata_unchanged(kwargs, exc, match):
     x, batches = _synthetic(np.float32, seed=8)
-    adata = _adata(sparse.csr_matrix(x), batches)
+    adata = adata_of(sparse.csr_matrix(x), batches)
     before = adata.copy()
     kwargs = {"n_top_genes": 20, **kwargs}
     with pytest.raises(exc, match=match):
@@ -302,7 +293,7 @@ def test_errors_leave_adata_unchanged(kwargs, exc, match):
 
 def test_scanpy_raises_the_same():
     x, _ = _synthetic(np.float32, seed=8)
-    adata = _adata(sparse.csr_matrix(x))
+    adata = adata_of(sparse.csr_matrix(x))
     with pytest.raises(ValueError, match="requires the argument `n_top_genes`"):
         sc.experimental.pp.highly_variable_genes(adata.copy(), flavor="pearson_residuals")
     with pytest.raises(KeyError):
@@ -312,7 +303,7 @@ def test_scanpy_raises_the_same():
 def test_nonfinite_raises():
     x, _ = _synthetic(np.float32, seed=9)
     x[3, 4] = np.nan
-    adata = _adata(sparse.csr_matrix(x))
+    adata = adata_of(sparse.csr_matrix(x))
     before = adata.copy()
     with pytest.raises(ValueError, match="NaN|inf|finite"):
         _ours(adata, n_top_genes=10)
@@ -323,7 +314,7 @@ def test_nonfinite_raises():
 def test_check_values_warns_like_scanpy(bad):
     x, _ = _synthetic(np.float64, seed=10)
     x[np.nonzero(x)[0][0], np.nonzero(x)[1][0]] = 0.5 if bad == "fraction" else -1.0
-    adata = _adata(x)
+    adata = adata_of(x)
     with pytest.warns(UserWarning, match="expects raw count data"):
         sc.experimental.pp.highly_variable_genes(adata.copy(), n_top_genes=10)
     with pytest.warns(UserWarning, match="expects raw count data"):

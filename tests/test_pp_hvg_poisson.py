@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import warnings
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import sparse
 
 import gpusc
-from _compare import dense, to_host
+from _compare import adata_of, dense, to_host
 from conftest import read_real, synthetic_counts
 from gpusc._kernels.hvg import poisson_expected_zeros
 
@@ -85,14 +84,6 @@ def assert_same(got: pd.DataFrame, expected: pd.DataFrame):
 
 def _ours(adata, **kwargs):
     return gpusc.pp.highly_variable_genes(adata, flavor=FLAVOR, inplace=False, **kwargs)
-
-
-def _adata(x, batches=None):
-    n_obs, n_vars = x.shape
-    obs = pd.DataFrame(index=[f"c{i}" for i in range(n_obs)])
-    if batches is not None:
-        obs["batch"] = batches
-    return ad.AnnData(x, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(n_vars)]))
 
 
 # ---------------------------------------------------------------- real data
@@ -153,17 +144,17 @@ def _synthetic(dtype, seed=0):
 def test_synthetic_every_type(array_type, dtype):
     x, batches = _synthetic(dtype)
     for batch_key, n_top in ((None, 40), ("batch", 40), ("batch", 149), (None, 150)):
-        expected = reference(x, batches if batch_key else None, _adata(x).var_names, n_top)
+        expected = reference(x, batches if batch_key else None, adata_of(x).var_names, n_top)
         if batch_key is None:
             expected = expected.drop(columns="prob_zero_enriched_nbatches")
-        test = _adata(array_type(x.copy()), batches)
+        test = adata_of(array_type(x.copy()), batches)
         assert_same(_ours(test, n_top_genes=n_top, batch_key=batch_key), expected)
         np.testing.assert_array_equal(dense(test.X), x)  # the input is left as it was
 
 
 def test_n_top_genes_above_n_vars_selects_all_like_scvi():
     x, batches = _synthetic(np.float64, seed=1)
-    got = _ours(_adata(x, batches), n_top_genes=500, batch_key="batch")
+    got = _ours(adata_of(x, batches), n_top_genes=500, batch_key="batch")
     assert got["highly_variable"].all()
     assert (got["prob_zero_enriched_nbatches"] == 3).all()  # scvi's threshold n_vars - 500 < 0
     assert_same(got, reference(x, batches, got.index, 500))
@@ -172,13 +163,13 @@ def test_n_top_genes_above_n_vars_selects_all_like_scvi():
 def test_default_n_top_genes_warns():
     x = synthetic_counts(300, 2500, density=0.05, seed=2)
     with pytest.warns(UserWarning, match="defaulting to 2000"):
-        got = _ours(_adata(x))
+        got = _ours(adata_of(x))
     assert got["highly_variable"].sum() == 2000
 
 
 def test_layer_and_integer_counts():
     x, batches = _synthetic(np.float64, seed=3)
-    adata = _adata(np.zeros_like(x), batches)
+    adata = adata_of(np.zeros_like(x), batches)
     adata.layers["counts"] = sparse.csr_matrix(x.astype(np.int64))
     got = _ours(adata, n_top_genes=30, batch_key="batch", layer="counts")
     assert_same(got, reference(x, batches, adata.var_names, 30))
@@ -187,7 +178,7 @@ def test_layer_and_integer_counts():
 def test_categorical_batches_with_unused_category():
     x, batches = _synthetic(np.float32, seed=4)
     cat = pd.Categorical(batches, categories=["c", "z", "b", "a"])  # "z" has no cells
-    got = _ours(_adata(sparse.csr_matrix(x), cat), n_top_genes=30, batch_key="batch")
+    got = _ours(adata_of(sparse.csr_matrix(x), cat), n_top_genes=30, batch_key="batch")
     assert_same(got, reference(x, batches, got.index, 30))
 
 
@@ -195,7 +186,7 @@ def test_categorical_batches_with_unused_category():
 def test_duplicates_and_int64_indices(fmt):
     """A (cell, gene) stored twice counts once as an expressed cell; int64 indices as int32."""
     x, batches = _synthetic(np.float32, seed=5)
-    expected = _ours(_adata(sparse.csr_matrix(x), batches), n_top_genes=30, batch_key="batch")
+    expected = _ours(adata_of(sparse.csr_matrix(x), batches), n_top_genes=30, batch_key="batch")
     coo = sparse.coo_matrix(x)  # every value split in two entries (one may be 0)
     data = np.r_[coo.data - coo.data // 2, coo.data // 2]
     rows, cols = np.r_[coo.row, coo.row], np.r_[coo.col, coo.col]
@@ -205,14 +196,14 @@ def test_duplicates_and_int64_indices(fmt):
     cls = sparse.csr_matrix if fmt == "csr" else sparse.csc_matrix
     dup = cls((data[order], minor[order].astype(np.int64), indptr.astype(np.int64)), shape=x.shape)
     assert not dup.has_canonical_format
-    got = _ours(_adata(dup, batches), n_top_genes=30, batch_key="batch")
+    got = _ours(adata_of(dup, batches), n_top_genes=30, batch_key="batch")
     pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-12)
     assert not dup.has_canonical_format  # summed on a copy
 
 
 def test_deterministic():
     x, batches = _synthetic(np.float32, seed=6)
-    adata = _adata(sparse.csr_matrix(x), batches)
+    adata = adata_of(sparse.csr_matrix(x), batches)
     pd.testing.assert_frame_equal(_ours(adata, n_top_genes=30, batch_key="batch"),
                                   _ours(adata, n_top_genes=30, batch_key="batch"), check_exact=True)
 
@@ -240,7 +231,7 @@ def test_exact_probability_is_what_scvi_samples():
     """scvi counts observed > expected over n_samples pairs of independent Bernoulli draws;
     that estimate stays within 5 standard deviations of observed * (1 - expected)."""
     x, _ = _synthetic(np.float64, seed=8)
-    got = _ours(_adata(x), n_top_genes=30)
+    got = _ours(adata_of(x), n_top_genes=30)
     p_obs = got["observed_fraction_zeros"].to_numpy()
     p_exp = got["expected_fraction_zeros"].to_numpy()
     rng = np.random.default_rng(0)
@@ -275,7 +266,7 @@ def _bad(kind):
         x[batches == "c"] = 0
     elif kind == "no_counts":
         x[:] = 0
-    return _adata(sparse.csr_matrix(x), batches)
+    return adata_of(sparse.csr_matrix(x), batches)
 
 
 @pytest.mark.parametrize(("kind", "kwargs", "exc", "match"), [
@@ -299,7 +290,7 @@ def test_errors_leave_adata_unchanged(kind, kwargs, exc, match):
 
 
 def test_empty_matrix_raises():
-    adata = _adata(np.zeros((0, 5), np.float32))
+    adata = adata_of(np.zeros((0, 5), np.float32))
     with pytest.raises(ValueError, match="empty"):
         gpusc.pp.highly_variable_genes(adata, flavor=FLAVOR, n_top_genes=2)
 
@@ -308,13 +299,13 @@ def test_non_integers_with_check_values_false():
     """The values as they are: the distinct totals are then not integers, same definition."""
     x, batches = _synthetic(np.float64, seed=10)
     x[x > 0] += 0.25
-    got = _ours(_adata(x, batches), n_top_genes=30, batch_key="batch", check_values=False)
+    got = _ours(adata_of(x, batches), n_top_genes=30, batch_key="batch", check_values=False)
     assert_same(got, reference(x, batches, got.index, 30))
 
 
 def test_inplace_false_and_subset_leave_adata():
     x, batches = _synthetic(np.float32, seed=11)
-    adata = _adata(sparse.csr_matrix(x), batches)
+    adata = adata_of(sparse.csr_matrix(x), batches)
     before = adata.copy()
     got = _ours(adata, n_top_genes=30, batch_key="batch", subset=True)
     assert len(got) == 30 and got["highly_variable"].all()

@@ -8,7 +8,6 @@ import anndata as ad
 import numpy as np
 import pytest
 import scanpy as sc
-from conftest import read_real
 from scanpy.neighbors._connectivity import gauss as sc_gauss
 from scanpy.neighbors._connectivity import jaccard as sc_jaccard
 from scanpy.neighbors._connectivity import umap as sc_umap
@@ -22,19 +21,6 @@ from gpusc._settings import resolve_device
 
 METRICS = ["euclidean", "sqeuclidean", "cosine", "manhattan"]
 DEVICES = ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]
-
-
-@pytest.fixture(scope="module")
-def pbmc_pca():
-    """pbmc3k's X_pca from scanpy's own pipeline (normalize_total, log1p, hvg 2000, pca 50)."""
-    adata = read_real("pbmc3k_counts_labeled.h5ad")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sc.pp.normalize_total(adata)
-        sc.pp.log1p(adata)
-        sc.pp.highly_variable_genes(adata, n_top_genes=2000)
-        sc.pp.pca(adata, n_comps=50, mask_var="highly_variable")
-    return np.ascontiguousarray(adata.obsm["X_pca"])
 
 
 def blobs(n=1500, dim=20, centers=6, dtype=np.float32, seed=0):

@@ -1,8 +1,10 @@
-"""What benchmarks/bench_*.py share: arguments, the data path, fresh inputs and best-of timing."""
+"""What benchmarks/bench_*.py share: arguments, the data path, fresh inputs, best-of timing,
+the scanpy-against-gpusc loop and the JSON record."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import anndata as ad
 
 import gpusc
-from gpusc._bench import synchronize
+from gpusc._bench import git_state, load_average, machine, synchronize, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("GPUSC_DATA", ROOT / ".." / "shared" / "data")) / "pbmc3k_counts_labeled.h5ad"
@@ -52,3 +54,36 @@ def best_of(fn, make_input, repeats: int, on_gpu: bool = False) -> list[float]:
         synchronize(on_gpu)
         times.append(time.perf_counter() - start)
     return times
+
+
+METHOD = ("one warm-up call each, then the best of repeats on fresh copies; copies and "
+          "host-to-device transfers not timed")
+
+
+def side_by_side(steps: dict, module_of: dict, args, on_gpu: bool, shape_of=None) -> list[dict]:
+    """Time each step with scanpy and gpusc: ``steps`` maps a name to (data, call), ``call(module)``
+    being the function to time; ``module_of[lib](name)`` picks the library's module for a step.
+    Rows: step, shape (``shape_of(name, data)``, when given), both timings and the speedup."""
+    rows = []
+    for name, (data, call) in steps.items():
+        row = {"step": name} if shape_of is None else {"step": name, "shape": list(shape_of(name, data))}
+        for lib, module in module_of.items():
+            times = best_of(call(module(name)), fresh(lib, data, on_gpu), args.repeats, on_gpu and lib == "gpusc")
+            row[lib] = {"seconds": times, "best": min(times)}
+        row["speedup"] = row["scanpy"]["best"] / row["gpusc"]["best"]
+        rows.append(row)
+        print(f"{name:22s} scanpy {row['scanpy']['best']:8.3f} s  gpusc {row['gpusc']['best']:8.3f} s  "
+              f"{row['speedup']:5.2f}x", flush=True)
+    return rows
+
+
+def save(out: Path, benchmark: str, args, on_gpu: bool, load_before, data: dict, method: str, rows: list) -> None:
+    """The raw JSON record of a run: machine, versions, git state, load, data, method, steps."""
+    record = {
+        "benchmark": benchmark, "device": args.device, "machine": machine(on_gpu), "versions": versions(),
+        "git": git_state(), "repeats": args.repeats, "load_average_before": load_before,
+        "load_average_after": load_average(), "data": data, "method": method, "steps": rows,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")

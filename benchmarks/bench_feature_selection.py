@@ -16,17 +16,14 @@ with a device synchronisation). Steps and their inputs:
 
 from __future__ import annotations
 
-import json
-import time
-
 import anndata as ad
 import numpy as np
 import scanpy as sc
 
 import gpusc
-from gpusc._bench import git_state, load_average, machine, versions
+from gpusc._bench import load_average
 
-from _timing import DATA, best_of, fresh, parse_args
+from _timing import DATA, METHOD, parse_args, save, side_by_side
 
 
 def main() -> None:
@@ -52,36 +49,17 @@ def main() -> None:
         "pearson_residuals": (top_counts, lambda m: lambda a: m.normalize_pearson_residuals(a)),
         "regress_out": (top_logged, lambda m: lambda a: m.regress_out(a, ["total_counts", "pct_counts_mt"])),
     }
-    libraries = {
-        "scanpy": lambda name: sc.experimental.pp if name in ("hvg_pearson", "pearson_residuals") else sc.pp,
-        "gpusc": lambda name: gpusc.experimental.pp if name in ("hvg_pearson", "pearson_residuals") else gpusc.pp,
+    experimental = ("hvg_pearson", "pearson_residuals")
+    module_of = {
+        "scanpy": lambda name: sc.experimental.pp if name in experimental else sc.pp,
+        "gpusc": lambda name: gpusc.experimental.pp if name in experimental else gpusc.pp,
     }
     load_before = load_average()
-    rows = []
-    for name, (data, call) in steps.items():
-        row = {"step": name}
-        for lib, module_of in libraries.items():
-            times = best_of(call(module_of(name)), fresh(lib, data, on_gpu), args.repeats,
-                            on_gpu and lib == "gpusc")
-            row[lib] = {"seconds": times, "best": min(times)}
-        row["speedup"] = row["scanpy"]["best"] / row["gpusc"]["best"]
-        rows.append(row)
-        print(f"{name:22s} scanpy {row['scanpy']['best']:8.3f} s  gpusc {row['gpusc']['best']:8.3f} s  "
-              f"{row['speedup']:5.2f}x", flush=True)
-    record = {
-        "benchmark": "feature-selection", "device": args.device, "machine": machine(on_gpu), "versions": versions(),
-        "git": git_state(), "repeats": args.repeats, "load_average_before": load_before,
-        "load_average_after": load_average(),
-        "data": {"description": f"{args.cells:,} cells model-drawn (gpusc.datasets.resample) from pbmc3k, "
-                                "groupby seurat_cell_type, seed 0; filter_genes(min_cells=3)",
-                 "shape": list(counts.shape)},
-        "method": "one warm-up call each, then the best of repeats on fresh copies; copies and "
-                  "host-to-device transfers not timed",
-        "steps": rows,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}")
+    rows = side_by_side(steps, module_of, args, on_gpu)
+    save(out, "feature-selection", args, on_gpu, load_before,
+         {"description": f"{args.cells:,} cells model-drawn (gpusc.datasets.resample) from pbmc3k, "
+                         "groupby seurat_cell_type, seed 0; filter_genes(min_cells=3)",
+          "shape": list(counts.shape)}, METHOD, rows)
 
 
 if __name__ == "__main__":

@@ -19,17 +19,14 @@ transfers not timed; on the GPU the step ends with a device synchronisation). St
 
 from __future__ import annotations
 
-import json
-import time
-
 import anndata as ad
 import numpy as np
 import scanpy as sc
 
 import gpusc
-from gpusc._bench import git_state, load_average, machine, versions
+from gpusc._bench import load_average
 
-from _timing import DATA, best_of, fresh, parse_args
+from _timing import DATA, METHOD, best_of, parse_args, save, side_by_side
 
 K = 15
 
@@ -63,7 +60,6 @@ def main() -> None:
     sc.pp.pca(embedded)
     embedded = ad.AnnData(obs=embedded.obs[[]], obsm={"X_pca": embedded.obsm["X_pca"]})
 
-
     steps = {
         "pca_sparse_masked": (logged, lambda m: m.pca),
         "pca_sparse_hvg": (hvg, lambda m: m.pca),
@@ -72,17 +68,8 @@ def main() -> None:
     }
     libraries = {"scanpy": sc.pp, "gpusc": gpusc.pp}
     load_before = load_average()
-    rows = []
-    for name, (data, call) in steps.items():
-        shape = data.obsm["X_pca"].shape if name == "neighbors" else data.shape
-        row = {"step": name, "shape": list(shape)}
-        for lib, module in libraries.items():
-            times = best_of(call(module), fresh(lib, data, on_gpu), args.repeats, on_gpu and lib == "gpusc")
-            row[lib] = {"seconds": times, "best": min(times)}
-        row["speedup"] = row["scanpy"]["best"] / row["gpusc"]["best"]
-        rows.append(row)
-        print(f"{name:18s} scanpy {row['scanpy']['best']:8.3f} s  gpusc {row['gpusc']['best']:8.3f} s  "
-              f"{row['speedup']:5.2f}x", flush=True)
+    rows = side_by_side(steps, {lib: lambda name, m=m: m for lib, m in libraries.items()}, args, on_gpu,
+                        lambda name, data: data.obsm["X_pca"].shape if name == "neighbors" else data.shape)
 
     if on_gpu:
         from gpusc._kernels.topk import knn_device
@@ -107,22 +94,13 @@ def main() -> None:
     next(r for r in rows if r["step"] == "neighbors").update(quality)
     print("neighbors recall vs exact:", quality)
 
-    record = {
-        "benchmark": "pca-neighbors", "device": args.device, "machine": machine(on_gpu),
-        "versions": versions(), "git": git_state(), "repeats": args.repeats,
-        "load_average_before": load_before, "load_average_after": load_average(),
-        "data": {"description": f"{args.cells:,} cells model-drawn (gpusc.datasets.resample) from pbmc3k, "
-                                "groupby seurat_cell_type, seed 0; filter_genes(min_cells=3), "
-                                "normalize_total, log1p, highly_variable_genes(n_top_genes=2000)",
-                 "shape": list(logged.shape), "nnz_hvg": int(hvg.X.nnz)},
-        "method": "one warm-up call each, then the best of repeats on fresh copies; copies and "
-                  "host-to-device transfers not timed; recall: the K-1 neighbours in obsp['distances'] "
-                  "against scikit-learn's exact NearestNeighbors on the same X_pca",
-        "steps": rows,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}")
+    save(out, "pca-neighbors", args, on_gpu, load_before,
+         {"description": f"{args.cells:,} cells model-drawn (gpusc.datasets.resample) from pbmc3k, "
+                         "groupby seurat_cell_type, seed 0; filter_genes(min_cells=3), "
+                         "normalize_total, log1p, highly_variable_genes(n_top_genes=2000)",
+          "shape": list(logged.shape), "nnz_hvg": int(hvg.X.nnz)},
+         METHOD + "; recall: the K-1 neighbours in obsp['distances'] against scikit-learn's exact "
+                  "NearestNeighbors on the same X_pca", rows)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ in float32), probabilities within Monte Carlo noise (0.20% of genes beyond 3 sd)
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -26,7 +25,7 @@ import pytest
 from scipy import sparse
 
 import gpusc
-from _compare import adata_of, dense, to_host
+from _compare import adata_of, dense
 from conftest import read_real, synthetic_counts
 from gpusc._kernels.hvg import poisson_expected_zeros
 

@@ -150,16 +150,16 @@ __device__ __forceinline__ bool ranks_before(double d1, long long i1, double d2,
 }
 
 // One warp per query row: lanes take candidates, compute exact keys in double, rank them
-// by counting, write the k first with the metric's distance, and certify the row: no
-// point outside the list can be nearer than its k-th (list's worst key minus err), and
-// every candidate's exact key is within err of its approximate one.
+// by counting, write the k first with the metric's distance and the row's exact k-th key,
+// or +inf where some candidate's exact key is farther than err from its approximate one
+// (no certificate). The launcher certifies rows from the k-th key (topk.certify).
 template <typename T, typename G>
 __global__ void rerank(const T* __restrict__ x, long long n, long long dim, int metric,
                        const long long* __restrict__ rows, long long n_q,
                        const G* __restrict__ cand_key, const long long* __restrict__ cand_idx,
                        int K, int k, const double* __restrict__ err,
                        long long* __restrict__ out_idx, double* __restrict__ out_dist,
-                       int* __restrict__ certified) {
+                       double* __restrict__ kth_key) {
     __shared__ double s_key[WARPS_PER_BLOCK][TOPK_MAX];
     __shared__ long long s_idx[WARPS_PER_BLOCK][TOPK_MAX];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -202,10 +202,7 @@ __global__ void rerank(const T* __restrict__ x, long long n, long long dim, int 
         }
     }
     for (int offset = 16; offset > 0; offset >>= 1) kth = fmax(kth, __shfl_xor_sync(FULL_MASK, kth, offset));
-    if (lane == 0) {
-        const double worst = (double)cand_key[q * K + K - 1];
-        certified[q] = (K == n || (consistent && kth <= worst - err[q])) ? 1 : 0;
-    }
+    if (lane == 0) kth_key[q] = consistent ? kth : __longlong_as_double(0x7ff0000000000000LL);
 }
 
 // ---------------------------------------------------------------- fused TF32 candidate pass

@@ -12,12 +12,14 @@ kernel (``fused_candidates``) multiplies on the tensor cores in TF32 and selects
 chip, so no distance ever reaches device memory; otherwise cuBLAS float32 tiles and the
 ``topk_tile`` selection kernel. On the host, BLAS float32 tiles and numba heaps.
 
-Exactness: the candidate keys carry rounding error (:func:`error_bound`). Each row is
-certified when its exact k-th key lies below its worst candidate's key minus that bound,
-and every candidate's exact key lies within the bound of its approximate one (which also
-catches a candidate pass that mislabels its keys). Rows that fail are redone with float64
-products. What remains are exact ties (points at the same distance), which either order
-answers.
+Exactness: the candidate keys carry rounding error (:func:`error_bound`). The re-ranking
+checks every candidate's exact key against its approximate one (a bound from the row's
+longest candidate, which also catches a candidate pass that mislabels its keys), then
+:func:`certify` proves per row that no point outside the list is nearer than the exact
+k-th, with a bound that reaches only as far out as that k-th distance (one far outlier
+does not loosen every row). Rows that fail are redone with float64 products; the share
+certified by the first pass is returned and logged at debug level. What remains are exact
+ties (points at the same distance), which either order answers.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 
 import numba
 import numpy as np
+from scanpy import logging as logg
 
 from .._core import cuda
 
@@ -54,14 +57,19 @@ def n_candidates(k: int, n: int, margin: int) -> int:
 # ---------------------------------------------------------------- host (numba)
 
 def knn_host(x: np.ndarray, k: int, metric: str, *, first_pass: str = "float32",
-             query_block: int = 128, ref_block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """Exact kNN of the rows of ``x`` among themselves: int64 indices, float64 distances (n, k).
+             query_block: int = 128, ref_block: int = 2048) -> tuple[np.ndarray, np.ndarray, float]:
+    """Exact kNN of the rows of ``x`` among themselves.
 
     Threads take blocks of ``query_block`` queries; each multiplies them with blocks of
     ``ref_block`` references (one-thread BLAS, so the tile stays in cache) and keeps a
     heap of candidates per query. Memory: n·K·16 bytes plus one tile per thread.
     ``first_pass="tf32"`` rounds the vectors as the device's fused pass does (its
     certification, checked without a GPU); rows it cannot certify are redone in float64.
+
+    Returns
+    -------
+    The neighbours' indices (n, k) int64 and distances (n, k) float64, and the fraction
+    of rows the first pass certified (1.0 where it is exact: float64 products, manhattan).
     """
     x64 = np.ascontiguousarray(x, dtype=np.float64)
     n = x64.shape[0]
@@ -72,16 +80,26 @@ def knn_host(x: np.ndarray, k: int, metric: str, *, first_pass: str = "float32",
         cand_key, cand_idx = _manhattan_select(x64, n_cand)
         no_check = np.full(n, np.inf)  # direct float64 sums are the exact distances
         idx, dist, _ = _rerank_host(x64, rows, cand_key, cand_idx, k, code, no_check)
-        return idx, dist
+        return idx, dist, 1.0
     idx, dist, certified = _host_pass(x64, rows, k, n_cand, code, first_pass, query_block, ref_block)
+    if first_pass == "float64":
+        return idx, dist, 1.0
     redo = np.flatnonzero(~certified)
+    _log_certified(first_pass, n, redo.size)
     if redo.size:  # rows whose first-pass candidates could have missed a neighbour
         idx[redo], dist[redo], _ = _host_pass(x64, redo, k, n_cand, code, "float64",
                                               query_block, ref_block)
-    return idx, dist
+    return idx, dist, 1.0 - redo.size / n
+
+
+def _log_certified(precision: str, n: int, n_redo: int) -> None:
+    logg.debug(f"    exact kNN: the {precision} pass certified {1 - n_redo / n:.2%} of {n} rows; "
+               f"{n_redo} redone with float64 products")
 
 
 def _host_pass(x64, rows, k, n_cand, code, precision, query_block, ref_block):
+    """Candidates for the query ``rows`` with products in ``precision``, exact re-ranking and
+    certification: indices, distances and the certified rows (bool)."""
     from threadpoolctl import threadpool_limits
 
     vectors = _gemm_vectors(x64, code)
@@ -97,9 +115,13 @@ def _host_pass(x64, rows, k, n_cand, code, precision, query_block, ref_block):
         cand_key, cand_idx = _candidates(np.ascontiguousarray(vectors[rows]), vectors,
                                          norms64, n_cand, query_block, ref_block)
     cand_key += norms64[rows][:, None]  # the query's own norm, left out while ranking
-    err = error_bound(np.sqrt(norms64[rows]), np.sqrt(norms64.max()), x64.shape[1], precision,
-                      cand_key.max(axis=1))
-    return _rerank_host(x64, rows, cand_key, cand_idx, k, code, err)
+    lengths = np.sqrt(norms64)
+    dim = x64.shape[1]
+    worst = cand_key.max(axis=1)
+    err = candidate_bound(lengths, rows, cand_idx, dim, precision, worst)
+    idx, dist, kth_key = _rerank_host(x64, rows, cand_key, cand_idx, k, code, err)
+    certified = certify(kth_key, worst, lengths[rows], lengths.max(), dim, precision, code)
+    return idx, dist, certified | (n_cand == x64.shape[0])  # every point a candidate: exact
 
 
 # (unit roundoff of the rounded vectors, unit roundoff of the accumulation) per product precision.
@@ -109,24 +131,70 @@ UNIT_ROUNDOFF = {"float64": (2.0**-53, 2.0**-53), "float32": (2.0**-24, 2.0**-24
                  "tf32": (2.0**-11, 2.0**-22)}
 
 
-def error_bound(query_lengths, longest, dim, precision, worst):
-    """Bound on |key − exact squared distance| for one query's candidates and non-candidates.
+def error_bound(query_lengths, reference_lengths, dim, precision, worst):
+    """Bound on |key − exact squared distance| for a query a and any point b with
+    ‖b‖ <= ``reference_lengths`` (lengths of the rounded product rows).
 
-    ``worst`` is the query's K-th approximate key. With L = ‖a‖ + the longest row: the
-    accumulated product and the norm sums err by at most e = (2γ_d + 6u)·L² (γ_d =
-    d·u/(1 − d·u), u the accumulation's roundoff); the vectors were rounded to the
-    product's precision, which moves a distance by at most δ = u_in·L, so a squared
-    distance D' of the rounded rows and the exact D obey |√D − √D'| <= δ. For any point
-    whose key is at least ``worst`` (every point outside the list) and for every listed
-    candidate this gives |D − key| <= e + 2δ·√(worst + e) + δ². 10% headroom on e and δ.
-    Works on NumPy and CuPy arrays alike.
+    ``worst`` is the query's K-th approximate key. With L = ‖a‖ + ‖b‖: the accumulated
+    product and the norm sums err by at most e = (2γ_d + 6u)·L² (γ_d = d·u/(1 − d·u), u
+    the accumulation's roundoff); the vectors were rounded to the product's precision,
+    which moves a distance by at most δ = u_in·L, so a squared distance D' of the rounded
+    rows and the exact D obey |√D − √D'| <= δ. For any point whose key is at least
+    ``worst`` (every point outside the list) and for every listed candidate this gives
+    |D − key| <= e + 2δ·√(worst + e) + δ². The bound grows with L, so it holds for every
+    b shorter than ``reference_lengths``. 10% headroom on e and δ. Works on NumPy and CuPy
+    arrays alike.
     """
     u_in, u_acc = UNIT_ROUNDOFF[precision]
     gamma = dim * u_acc / (1 - dim * u_acc)
-    span = query_lengths + longest
+    span = query_lengths + reference_lengths
     e = 1.1 * (2 * gamma + 6 * u_acc) * span * span
     delta = 1.1 * u_in * span
     return e + 2 * delta * np.sqrt(np.maximum(worst, 0.0) + e) + delta * delta
+
+
+def candidate_bound(lengths, rows, cand_idx, dim, precision, worst):
+    """Per query row, :func:`error_bound` for its own candidates (the re-ranking's check that
+    each candidate's key is its own): the reference length is the row's longest candidate.
+    ``lengths`` of all product rows; NumPy or CuPy alike."""
+    valid = (cand_idx >= 0) & (cand_idx < lengths.shape[0])  # unfilled slots: -1 or int64 max
+    cand_lengths = np.where(valid, lengths[np.where(valid, cand_idx, 0)], 0.0)
+    return error_bound(lengths[rows], cand_lengths.max(axis=1), dim, precision, worst)
+
+
+def certify(kth_key, worst, query_lengths, longest, dim, precision, code):
+    """Rows whose candidate lists provably hold their k nearest neighbours (ties aside).
+
+    ``kth_key`` is each row's exact k-th key after the re-ranking (+inf where a
+    candidate's exact key strayed from its approximate one: no certificate), ``worst`` its
+    list's K-th approximate key, ``query_lengths`` the length ‖v_a‖ of its product row and
+    ``longest`` that of the longest product row. NumPy or CuPy arrays alike.
+
+    The argument. A point b outside the list has key >= worst, so by :func:`error_bound`
+    its exact key D(a, b) >= worst − err(‖v_a‖ + ‖v_b‖), err growing with the span. b can
+    displace a listed neighbour only if D(a, b) < D_k, the exact k-th key. The exact rows c
+    whose differences give D (the rows centred, or for cosine normalised, in exact
+    arithmetic; a zero row's cosine key 2 exceeds its squared distance 1, which keeps what
+    follows true) obey the reverse triangle inequality √D(a, b) >= ‖c_b‖ − ‖c_a‖, so such
+    a b has ‖c_b‖ < ‖c_a‖ + √D_k. The product rows v are the c rounded elementwise to the
+    product's precision (u_in, 10% headroom: TF32 rounds rows already rounded to float32)
+    after float64 centring or normalising, and their lengths are float64 sums (each within
+    γ = γ_{d+8} of float64), so ‖v‖ <= ρ‖c‖ and ‖c‖ <= ρ‖v‖ with
+    ρ = (1 + 1.1·u_in)(1 + 2γ). D_k is itself a float64 sum: the true value is below
+    D_k(1 + 2γ) (+ 4γ for cosine's 2(1 − cos), an absolute error). Hence ‖v_b‖ < reach =
+    min(longest, ρ(ρ‖v_a‖ + √D_k)), and with err = error_bound(‖v_a‖, reach) the row is
+    certified when D_k <= worst − err: a nearer b would need D_k > D(a, b) >= worst − err.
+
+    This bound is per row, tighter than one per tile of references: a far outlier widens
+    only its own row's bound and those of rows whose k-th distance reaches out to it. For
+    cosine every product row has length 1 (or 0), so the reach is ``longest`` anyway.
+    """
+    u_in, _ = UNIT_ROUNDOFF[precision]
+    gamma = (dim + 8) * 2.0**-53 / (1 - (dim + 8) * 2.0**-53)
+    rho = (1 + 1.1 * u_in) * (1 + 2 * gamma)
+    kth_upper = kth_key * (1 + 2 * gamma) + (4 * gamma if code == METRICS["cosine"] else 0.0)
+    reach = np.minimum(longest, rho * (rho * query_lengths + np.sqrt(kth_upper)))
+    return kth_key <= worst - error_bound(query_lengths, reach, dim, precision, worst)
 
 
 def round_tf32(v):
@@ -249,19 +317,16 @@ def _before(d1, i1, d2, i2, self_index):
 
 @numba.njit(parallel=True, cache=True)
 def _rerank_host(x, rows, cand_key, cand_idx, k, code, err):
-    """Exact distances of each query's candidates, sorted; certified[q] when no point
-    outside the candidates can be nearer than the k-th (approximate worst − err) and every
-    candidate's exact key lies within err of its approximate one."""
+    """Exact distances of each query's candidates, sorted, and each row's exact k-th key
+    (the input of :func:`certify`), +inf where some candidate's exact key lies farther than
+    err from its approximate one (the keys are not the candidates': no certificate)."""
     n_q, n_cand = cand_idx.shape
     out_idx = np.empty((n_q, k), np.int64)
     out_dist = np.empty((n_q, k), np.float64)
-    certified = np.empty(n_q, np.bool_)
+    kth_key = np.empty(n_q, np.float64)
     for q in numba.prange(n_q):
         i = rows[q]
         idx = cand_idx[q].copy()
-        worst_approx = -np.inf
-        for c in range(n_cand):
-            worst_approx = max(worst_approx, cand_key[q, c])
         dist = np.empty(n_cand)
         has_self = False
         consistent = True
@@ -283,12 +348,12 @@ def _rerank_host(x, rows, cand_key, cand_idx, k, code, err):
                 dist[b + 1], idx[b + 1] = dist[b], idx[b]
                 b -= 1
             dist[b + 1], idx[b + 1] = d, j
-        certified[q] = n_cand == x.shape[0] or (consistent and dist[k - 1] <= worst_approx - err[q])
+        kth_key[q] = dist[k - 1] if consistent else np.inf
         out_idx[q] = idx[:k]
         for c in range(k):
             d = dist[c]
             out_dist[q, c] = np.sqrt(d) if code == 0 else (0.5 * d if code == 2 else d)
-    return out_idx, out_dist, certified
+    return out_idx, out_dist, kth_key
 
 
 # ---------------------------------------------------------------- device (CuPy + kernels/topk.cu)
@@ -298,8 +363,9 @@ def _kernel(name: str):
 
 
 def knn_device(x_host: np.ndarray, k: int, metric: str, *, fused: bool | None = None,
-               query_block: int = 8192, ref_block: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    """Exact kNN on the GPU; takes and returns host arrays like :func:`knn_host`.
+               query_block: int = 8192, ref_block: int = 8192) -> tuple[np.ndarray, np.ndarray, float]:
+    """Exact kNN on the GPU; takes and returns host arrays (and the fraction of rows the
+    first pass certified) like :func:`knn_host`.
 
     ``fused`` (default: where it applies) picks the fused TF32 candidate pass over the
     cuBLAS tiles. Device memory: x and its product rows (2·n·d), the candidate lists
@@ -336,14 +402,16 @@ def knn_device(x_host: np.ndarray, k: int, metric: str, *, fused: bool | None = 
         first = "float32"
     out_idx, out_dist, certified = _device_pass(x, all_rows, k, n_cand, code, first,
                                                 query_block, ref_block)
-    if first != "float64":
-        redo = cp.flatnonzero(certified == 0)
-        if int(redo.size):  # synchronize!
-            idx64, dist64, _ = _device_pass(x, redo, k, n_cand, code, "float64",
-                                            query_block, ref_block)
-            out_idx[redo] = idx64
-            out_dist[redo] = dist64
-    return out_idx.get(), out_dist.get()  # synchronize!
+    if first == "float64":
+        return out_idx.get(), out_dist.get(), 1.0  # synchronize!
+    redo = cp.flatnonzero(~certified)
+    n_redo = int(redo.size)  # synchronize!
+    _log_certified(first, n, n_redo)
+    if n_redo:
+        idx64, dist64, _ = _device_pass(x, redo, k, n_cand, code, "float64", query_block, ref_block)
+        out_idx[redo] = idx64
+        out_dist[redo] = dist64
+    return out_idx.get(), out_dist.get(), 1.0 - n_redo / n  # synchronize!
 
 
 def fused_shared_bytes(n_cand: int) -> int:
@@ -432,7 +500,8 @@ def _tile_candidates(x, rows, n_cand, code, gemm_dtype, query_block, ref_block):
 
 
 def _device_pass(x, rows, k, n_cand, code, precision, query_block, ref_block):
-    """Candidates for the query ``rows`` with products in ``precision``, then exact re-ranking."""
+    """Candidates for the query ``rows`` with products in ``precision``, exact re-ranking and
+    certification (as :func:`_host_pass`): indices, distances and the certified rows (bool)."""
     import cupy as cp
 
     n, dim = x.shape
@@ -442,18 +511,21 @@ def _device_pass(x, rows, k, n_cand, code, precision, query_block, ref_block):
     else:
         cand_key, cand_idx, norms64 = _tile_candidates(x, rows, n_cand, code, np.dtype(precision),
                                                        query_block, ref_block)
+    worst = cand_key[:, -1].astype(np.float64)
     if norms64 is None:
         err = cp.zeros(n_q, np.float64)  # direct float64 sums: no product error to bound
     else:
-        longest = float(cp.sqrt(norms64.max()))  # synchronize!
-        err = error_bound(cp.sqrt(norms64[rows]), longest, dim, precision,
-                          cand_key[:, -1].astype(np.float64))
+        lengths = cp.sqrt(norms64)
+        err = candidate_bound(lengths, rows, cand_idx, dim, precision, worst)
     out_idx = cp.empty((n_q, k), np.int64)
     out_dist = cp.empty((n_q, k), np.float64)
-    certified = cp.empty(n_q, np.int32)
+    kth_key = cp.empty(n_q, np.float64)
     rerank = _kernel(cuda.template_name("rerank", x.dtype, cand_key.dtype))
     cuda.launch(rerank, -(-n_q // WARPS_PER_BLOCK), 32 * WARPS_PER_BLOCK, (
         x, np.int64(n), np.int64(dim), np.int32(code), rows, np.int64(n_q),
         cand_key, cand_idx, np.int32(n_cand), np.int32(k), err,
-        out_idx, out_dist, certified))
+        out_idx, out_dist, kth_key))
+    if norms64 is None or n_cand == n:  # exact sums, or every point a candidate
+        return out_idx, out_dist, cp.full(n_q, True)
+    certified = certify(kth_key, worst, lengths[rows], lengths.max(), dim, precision, code)
     return out_idx, out_dist, certified

@@ -13,7 +13,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from .._core.adata import actualize_view
-from .._core.arrays import is_sparse, placement
+from .._core.arrays import DeviceArray, is_sparse, placement
 from .._kernels import connectivity as _conn
 from .._kernels import topk as _topk
 from .._settings import resolve_device
@@ -67,7 +67,16 @@ def neighbors(
     n_pcs
         Use this many leading columns of the representation.
     distances
-        Precomputed distances are not supported; use :func:`scanpy.pp.neighbors`.
+        A precomputed (n_obs, n_obs) distance matrix, dense or sparse, instead of a search
+        (scanpy's rules): its diagonal is set to 0 (sparse: zeros are dropped), the kNN of a
+        dense matrix are each row's n_neighbors smallest, those of a sparse one the row's
+        first n_neighbors − 1 stored entries when every row holds as many (the order a kNN
+        transformer leaves), else its n_neighbors − 1 smallest (with scanpy's
+        RuntimeWarning); each point is its own first neighbour. ``use_rep``, ``knn``,
+        ``n_pcs``, ``metric_kwds``, ``random_state`` and ``algorithm`` are then ignored (a
+        UserWarning names those given, and ``random_state`` is stored as 0); ``metric`` is
+        only stored. Integer distances become float64. Runs on the host, except the umap
+        memberships on a GPU.
     use_rep
         ``.obsm`` key, or ``"X"``. ``None``: X_pca (X when n_vars ≤ 50), as scanpy.
     knn
@@ -100,8 +109,13 @@ def neighbors(
 
     ``obsp['distances']`` : scipy CSR, float64
         n_neighbors − 1 distances per row (the point itself left out), in neighbour order.
+        With ``distances=``: that matrix as described there, dense (numpy) or CSR, in its
+        own float dtype.
     ``obsp['connectivities']`` : scipy CSR, float32 (umap) or float64 (gauss, jaccard)
-        Symmetric weighted adjacency of the neighbourhood graph.
+        Symmetric weighted adjacency of the neighbourhood graph. With ``distances=``:
+        gauss follows scanpy (σ² = a quarter of the k-th squared distance and a dense
+        result for a dense matrix; weights on every stored entry for a sparse one) in the
+        matrix's dtype.
     ``uns['neighbors']`` : dict
         ``connectivities_key``, ``distances_key`` and ``params`` (n_neighbors, method,
         random_state, metric, and metric_kwds, use_rep, n_pcs when given).
@@ -109,12 +123,13 @@ def neighbors(
     func = "neighbors"
     if not isinstance(adata, AnnData):
         raise TypeError(f"{func}: expected an AnnData, got {type(adata).__name__}")
-    if distances is not None:
-        raise NotImplementedError(
-            f"{func}: distances= (a precomputed distance matrix) is not supported; "
-            "use scanpy.pp.neighbors(adata, distances=...)")
     if method not in METHODS:
         raise ValueError(f"{func}: method={method!r} is not one of {METHODS}")
+    if distances is not None:
+        given = {"use_rep": use_rep, "knn": knn, "n_pcs": n_pcs, "metric_kwds": metric_kwds,
+                 "random_state": random_state, "algorithm": algorithm}
+        return _neighbors_from_distances(adata, distances, n_neighbors, method, metric, given,
+                                         key_added, copy, device, func)
     if not knn:
         raise NotImplementedError(
             f"{func}: knn=False (a dense n_obs × n_obs Gaussian kernel) is not supported; "
@@ -131,12 +146,7 @@ def neighbors(
     if algorithm not in ALGORITHMS:
         raise ValueError(f"{func}: algorithm={algorithm!r} is not one of {ALGORITHMS}")
     n_obs = adata.n_obs
-    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int | np.integer):
-        raise TypeError(f"{func}: n_neighbors must be an integer, got {n_neighbors!r}")
-    if not 2 <= n_neighbors < n_obs:
-        raise ValueError(
-            f"{func}: n_neighbors={n_neighbors} is out of range; it counts the point itself, so "
-            f"choose 2 <= n_neighbors < n_obs = {n_obs}")
+    _check_n_neighbors(n_neighbors, n_obs, func)
     where = resolve_device(device)
     if algorithm != "brute" and where != "gpu":
         raise ValueError(f"{func}: algorithm={algorithm!r} runs on the GPU through cuVS; "
@@ -157,24 +167,44 @@ def neighbors(
     if algorithm != "brute":
         knn_idx, knn_dist = _cuvs_knn(x, k, metric, algorithm)
     elif where == "gpu":
-        knn_idx, knn_dist = _topk.knn_device(x, k, metric)
+        knn_idx, knn_dist, _ = _topk.knn_device(x, k, metric)
     else:
-        knn_idx, knn_dist = _topk.knn_host(x, k, metric)
+        knn_idx, knn_dist, _ = _topk.knn_host(x, k, metric)
 
-    dist_matrix = _distance_matrix(knn_idx, knn_dist)
-    if method == "umap":
-        if where == "gpu":
-            conn = _conn.umap_connectivities_device(knn_idx, knn_dist, n_obs)
-        else:
-            vals, _, _ = _conn.umap_memberships_host(knn_idx, knn_dist)
-            conn = _conn.fuzzy_union_host(knn_idx, vals, n_obs)
-    elif method == "gauss":
+    if method == "gauss":
         conn = _gauss(knn_idx, knn_dist, n_obs, where)
     else:
-        conn = _jaccard(knn_idx, n_obs)
+        conn = _knn_connectivities(knn_idx, knn_dist, method, n_obs, where)
+    _store(adata, key_added, _distance_matrix(knn_idx, knn_dist), conn, n_neighbors=k, method=method,
+           random_state=random_state, metric=metric, metric_kwds=metric_kwds, use_rep=use_rep, n_pcs=n_pcs)
+    return adata if copy else None
 
-    params: dict[str, Any] = dict(n_neighbors=k, method=method, random_state=random_state,
-                                  metric=metric)
+
+def _check_n_neighbors(n_neighbors, n_obs, func):
+    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int | np.integer):
+        raise TypeError(f"{func}: n_neighbors must be an integer, got {n_neighbors!r}")
+    if not 2 <= n_neighbors < n_obs:
+        raise ValueError(
+            f"{func}: n_neighbors={n_neighbors} is out of range; it counts the point itself, so "
+            f"choose 2 <= n_neighbors < n_obs = {n_obs}")
+
+
+def _knn_connectivities(knn_idx, knn_dist, method, n_obs, where):
+    """umap or jaccard connectivities of kNN lists (the point itself first)."""
+    if method == "jaccard":
+        return _jaccard(knn_idx, n_obs)
+    if where == "gpu":
+        return _conn.umap_connectivities_device(knn_idx, knn_dist, n_obs)
+    vals, _, _ = _conn.umap_memberships_host(knn_idx, knn_dist)
+    return _conn.fuzzy_union_host(knn_idx, vals, n_obs)
+
+
+def _store(adata, key_added, dist_matrix, conn, *, n_neighbors, method, random_state, metric,
+           metric_kwds, use_rep, n_pcs):
+    """scanpy's keys: uns[key_added] with its params (metric_kwds, use_rep, n_pcs when
+    given), obsp distances and connectivities."""
+    params: dict[str, Any] = {"n_neighbors": n_neighbors, "method": method,
+                              "random_state": random_state, "metric": metric}
     if metric_kwds:
         params["metric_kwds"] = metric_kwds
     if use_rep is not None:
@@ -188,7 +218,111 @@ def neighbors(
     adata.uns[key_added] = {"connectivities_key": ckey, "distances_key": dkey, "params": params}
     adata.obsp[dkey] = dist_matrix
     adata.obsp[ckey] = conn
+
+
+# ---------------------------------------------------------------- precomputed distances
+
+_DEFAULTS_IGNORED_WITH_DISTANCES = {"use_rep": None, "knn": True, "n_pcs": None, "metric_kwds": {},
+                                    "random_state": 0, "algorithm": "brute"}
+
+
+def _neighbors_from_distances(adata, distances, n_neighbors, method, metric, given, key_added,
+                              copy, device, func):
+    """scanpy's ``distances=`` branch: the graph of a precomputed distance matrix."""
+    if metric is not None and not isinstance(metric, str):
+        raise TypeError(f"{func}: metric={metric!r}: `metric` must be a string if `distances` is given.")
+    _check_n_neighbors(n_neighbors, adata.n_obs, func)
+    where = resolve_device(device)
+    k = int(n_neighbors)
+    d = _precomputed_distances(distances, adata.n_obs, k, func)
+    random_state = given["random_state"]
+    if ignored := {name for name, default in _DEFAULTS_IGNORED_WITH_DISTANCES.items()
+                   if given[name] != default}:
+        warnings.warn(f"{func}: Parameter(s) ignored if `distances` is given: {ignored}",
+                      UserWarning, stacklevel=3)
+        random_state = 0
+    if sparse.issparse(d) and not _same_count_per_row(d):
+        warnings.warn(f"{func}: Sparse matrix has no constant number of neighbors per row. "
+                      "Cannot efficiently get indices and distances.", RuntimeWarning, stacklevel=3)
+
+    if copy:
+        adata = adata.copy()
+    actualize_view(adata)
+    if method == "gauss":
+        conn = _gauss_of_distances(d, k)
+    else:
+        conn = _knn_connectivities(*_knn_of_distances(d, k), method, adata.n_obs, where)
+    _store(adata, key_added, d, conn, n_neighbors=k, method=method, random_state=random_state,
+           metric=metric, metric_kwds=given["metric_kwds"], use_rep=given["use_rep"], n_pcs=given["n_pcs"])
     return adata if copy else None
+
+
+def _precomputed_distances(distances, n_obs, k, func):
+    """A validated host copy as scanpy stores it: CSR without its diagonal and zeros, or a
+    dense array with a zero diagonal (the caller's matrix is left as it was). Each row of a
+    sparse one must keep k − 1 distances to other cells."""
+    if isinstance(distances, DeviceArray):
+        distances = distances.get()  # synchronize!
+    if sparse.issparse(distances):
+        d = distances.tocsr(copy=True)
+        values = d.data
+    else:
+        d = np.array(distances)
+        values = d
+    if d.ndim != 2 or d.shape != (n_obs, n_obs):
+        raise ValueError(f"{func}: distances has shape {d.shape}; it must be (n_obs, n_obs) = "
+                         f"({n_obs}, {n_obs}), one row and column per cell")
+    if values.dtype.kind not in "fiu":
+        raise TypeError(f"{func}: distances has dtype {values.dtype}; expected numbers")
+    if not np.isfinite(values).all():
+        raise ValueError(f"{func}: distances contains NaN or inf; a distance must be finite")
+    if (values < 0).any():
+        raise ValueError(f"{func}: distances has negative entries; distances are >= 0")
+    if values.dtype.kind != "f":
+        d = d.astype(np.float64)
+    if not sparse.issparse(d):
+        np.fill_diagonal(d, 0)
+        return d
+    d.setdiag(0)
+    d.eliminate_zeros()
+    counts = np.diff(d.indptr)
+    if counts.min() < k - 1:
+        raise ValueError(
+            f"{func}: {(counts < k - 1).sum()} rows of distances hold fewer than n_neighbors − 1 = "
+            f"{k - 1} distances to other cells (the fewest: {counts.min()}); pass a smaller "
+            "n_neighbors or a matrix with more neighbours per row")
+    return d
+
+
+def _same_count_per_row(d) -> bool:
+    counts = np.diff(d.indptr)
+    return bool((counts == counts[0]).all())
+
+
+def _knn_of_distances(d, k):
+    """Each row's k neighbours, itself first (int64 indices, distances in d's dtype), by
+    scanpy's rules (see neighbors' ``distances``)."""
+    n = d.shape[0]
+    if sparse.issparse(d):
+        counts = np.diff(d.indptr)
+        if _same_count_per_row(d):  # the rows' stored order, as scanpy's shortcut reads them
+            idx = d.indices.reshape(n, counts[0])[:, :k - 1]
+            dist = d.data.reshape(n, counts[0])[:, :k - 1]
+        else:
+            rows = np.repeat(np.arange(n), counts)
+            by_distance = np.lexsort((d.data, rows))  # row by row, ties in stored order
+            first = by_distance[(d.indptr[:-1, None] + np.arange(k - 1)).ravel()]
+            idx = d.indices[first].reshape(n, k - 1)
+            dist = d.data[first].reshape(n, k - 1)
+        own = np.arange(n)[:, None]
+        return (np.hstack([own, idx]).astype(np.int64),
+                np.hstack([np.zeros((n, 1), d.dtype), dist]))
+    part = np.argpartition(d, k - 1, axis=1)[:, :k]
+    part_dist = np.take_along_axis(d, part, axis=1)
+    # (distance, the point itself first, index): scanpy's order, with its ties settled
+    order = np.lexsort((part, part != np.arange(n)[:, None], part_dist), axis=1)
+    idx = np.take_along_axis(part, order, axis=1).astype(np.int64)
+    return idx, np.take_along_axis(part_dist, order, axis=1)
 
 
 # ---------------------------------------------------------------- representation
@@ -301,6 +435,40 @@ def _gauss(knn_idx, knn_dist, n_obs, where):
     out = (w + missing).tocsr()
     out.sort_indices()
     return out.get() if where == "gpu" else out  # synchronize!
+
+
+def _gauss_of_distances(d, k):
+    """scanpy's gauss(knn=True) of a precomputed matrix, in its dtype: w_ij =
+    sqrt(2σiσj/(σi²+σj²)) exp(−d_ij²/(σi²+σj²)) on every stored entry of a sparse matrix
+    (σi² the median squared distance of i's kNN) or on kNN pairs of a dense one (σi² a
+    quarter of the largest); a kNN pair missing in j's list copies w_ij to (j, i). As in
+    scanpy, the kNN are those of the squared matrix, whose rows SciPy's ``power`` sorts by
+    column: for a sparse matrix with unsorted rows they are not the ones umap and jaccard use."""
+    n = d.shape[0]
+    d_sq = d.power(2) if sparse.issparse(d) else d**2
+    knn_idx, knn_dist_sq = _knn_of_distances(d_sq, k)
+    dist_sq = knn_dist_sq[:, 1:]
+    sigmas_sq = np.median(dist_sq, axis=1) if sparse.issparse(d) else dist_sq[:, -1] / 4
+    sigmas = np.sqrt(sigmas_sq)
+    neighbours = knn_idx[:, 1:]
+    rows = np.repeat(np.arange(n), neighbours.shape[1])
+    is_knn = sparse.csr_matrix((np.ones(rows.size, bool), (rows, neighbours.ravel())), shape=(n, n))
+    if not sparse.issparse(d):
+        den = np.add.outer(sigmas_sq, sigmas_sq)
+        w = np.sqrt(2 * np.multiply.outer(sigmas, sigmas) / den) * np.exp(-d_sq / den)
+        mask = is_knn.toarray()
+        return np.where(mask, w, np.where(mask.T, w.T, 0))
+    stored_rows = np.repeat(np.arange(n), np.diff(d_sq.indptr))
+    den = sigmas_sq[stored_rows] + sigmas_sq[d_sq.indices]
+    w = d_sq.copy()
+    w.data = np.sqrt(2 * sigmas[stored_rows] * sigmas[d_sq.indices] / den) * np.exp(-d_sq.data / den)
+    # w at the kNN pairs, moved to (j, i) where i is not among j's kNN (replacing what w holds there)
+    knn_w = sparse.csr_matrix(w.multiply(is_knn))
+    back = (knn_w.T - knn_w.T.multiply(is_knn)).tocsr()
+    back_pattern = back.astype(bool).astype(w.dtype)
+    out = sparse.csr_matrix(w - w.multiply(back_pattern) + back)
+    out.sort_indices()
+    return out
 
 
 def _jaccard(knn_idx, n_obs) -> sparse.csr_matrix:

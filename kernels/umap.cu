@@ -105,3 +105,51 @@ __global__ void umap_apply(float* __restrict__ embedding, long long* __restrict_
     if (q != 0) embedding[i] = (float)((double)embedding[i] + (double)q * (1.0 / UMAP_FIXED_SCALE));
     acc[i] = 0;
 }
+
+// ---------------------------------------------------------------- weak components
+// The connectivity test before the spectral start, as a lock-free union-find: a root is
+// its own parent, a link points a root at a smaller vertex (compare-and-swap), so parents
+// only decrease and no cycle can form. After umap_link every edge's ends share a root, and
+// the roots left are one per weakly connected component whatever order the threads ran in.
+
+__device__ __forceinline__ int umap_swap_root(int* parent, int root, int below) {
+    return atomicCAS(parent + root, root, below);
+}
+
+__device__ __forceinline__ long long umap_swap_root(long long* parent, long long root, long long below) {
+    return (long long)atomicCAS(reinterpret_cast<unsigned long long*>(parent + root),
+                                (unsigned long long)root, (unsigned long long)below);
+}
+
+// The root of v, halving the path on the way up: a parent may be replaced by any of its
+// ancestors, so these writes may race with each other and with links.
+template <typename I>
+__device__ __forceinline__ I umap_root(I* parent, I v) {
+    volatile I* up = parent;
+    while (true) {
+        const I p = up[v];
+        if (p == v) return v;
+        const I grand = up[p];
+        if (grand != p) up[v] = grand;
+        v = grand;
+    }
+}
+
+// one thread per vertex: joins the trees of the vertex and of each of its neighbours
+template <typename I>
+__global__ void umap_link(const I* __restrict__ indptr, const I* __restrict__ indices,
+                          long long n_vertices, I* parent) {
+    const long long row = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (row >= n_vertices) return;
+    for (I e = indptr[row]; e < indptr[row + 1]; ++e) {
+        I a = umap_root(parent, (I)row);
+        I b = umap_root(parent, indices[e]);
+        while (a != b) {
+            if (a < b) { const I t = a; a = b; b = t; }  // a: the larger root, linked under b
+            const I seen = umap_swap_root(parent, a, b);
+            if (seen == a) break;
+            a = umap_root(parent, seen);  // a got a parent meanwhile: climb on from there
+            b = umap_root(parent, b);
+        }
+    }
+}

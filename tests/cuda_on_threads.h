@@ -90,6 +90,11 @@ template <typename T>
 inline T atomicAdd(T* address, T value) { return std::atomic_ref<T>(*address).fetch_add(value); }
 template <typename T>
 inline T atomicOr(T* address, T value) { return std::atomic_ref<T>(*address).fetch_or(value); }
+template <typename T>
+inline T atomicCAS(T* address, T compare, T value) {  // returns the old value, as CUDA's
+    std::atomic_ref<T>(*address).compare_exchange_strong(compare, value);
+    return compare;
+}
 
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }

@@ -4,7 +4,9 @@ The algorithm is umap-learn's ``optimize_layout_euclidean`` (0.5): every directe
 (head, tail) of the graph is sampled every ``epochs_per_sample`` epochs; a sample pulls
 head and tail together (move_other) and pushes the head away from
 ``negative_sample_rate`` random vertices per sample; every coordinate move is clipped to
-±4 and scaled by the learning rate ``alpha · (1 − epoch / n_epochs)``.
+±4 and scaled by the learning rate, which umap-learn lowers after each epoch: epoch e ≥ 1
+runs at ``alpha · (1 − (e − 1) / n_epochs)`` (epoch 0 samples no edge: every first sample
+is due at epoch ≥ 1).
 
 Two differences, both for reproducibility:
 
@@ -21,14 +23,18 @@ Two differences, both for reproducibility:
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import numba
 import numpy as np
+from scipy import sparse
 
 from .._core import cuda
 
 NAME_EXPRESSIONS = (
     *(cuda.template_name("umap_epoch", i) for i in (np.int32, np.int64)),
     "umap_apply",
+    *(cuda.template_name("umap_link", i) for i in (np.int32, np.int64)),
 )
 FIXED_SCALE = 4294967296.0  # kernels/umap.cu's UMAP_FIXED_SCALE
 CLIP = 4.0
@@ -37,6 +43,53 @@ BLOCK = 256
 _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xBF58476D1CE4E5B9)
 _M3 = np.uint64(0x94D049BB133111EB)
+
+
+# ---------------------------------------------------------------- the layout graph (host)
+
+def drop_weak_edges(graph: sparse.csr_matrix, cut) -> sparse.csr_matrix:
+    """``graph`` without the entries below ``cut`` and the explicit zeros: umap-learn's
+    pruning of edges too weak to be sampled (``data[data < cut] = 0; eliminate_zeros()``).
+
+    ``graph`` must be canonical (sorted, no duplicates); the result keeps its entries'
+    order and is canonical too. ``cut`` is compared in the data's dtype (pass a NumPy
+    scalar of that dtype). Without anything to drop ``graph`` itself is returned, no copy.
+    """
+    indptr, indices, data = graph.indptr, graph.indices, graph.data
+    cut = data.dtype.type(cut)
+    kept = np.zeros(indptr.size, indptr.dtype)
+    _count_strong(indptr, data, cut, kept[1:])
+    np.cumsum(kept, out=kept)
+    if kept[-1] == data.size:
+        return graph
+    out_indices = np.empty(kept[-1], indices.dtype)
+    out_data = np.empty(kept[-1], data.dtype)
+    _copy_strong(indptr, indices, data, cut, kept, out_indices, out_data)
+    out = sparse.csr_matrix((out_data, out_indices, kept), shape=graph.shape, copy=False)
+    out.has_canonical_format = True
+    return out
+
+
+@numba.njit(cache=True, parallel=True)
+def _count_strong(indptr, data, cut, counts):
+    for i in numba.prange(indptr.size - 1):
+        k = 0
+        for p in range(indptr[i], indptr[i + 1]):
+            v = data[p]
+            k += not (v < cut) and v != 0  # NaN stays, as with eliminate_zeros
+        counts[i] = k
+
+
+@numba.njit(cache=True, parallel=True)
+def _copy_strong(indptr, indices, data, cut, out_indptr, out_indices, out_data):
+    for i in numba.prange(indptr.size - 1):
+        q = out_indptr[i]
+        for p in range(indptr[i], indptr[i + 1]):
+            v = data[p]
+            if not (v < cut) and v != 0:
+                out_indices[q] = indices[p]
+                out_data[q] = v
+                q += 1
 
 
 def epochs_per_sample(weights: np.ndarray, n_epochs: int) -> np.ndarray:
@@ -127,7 +180,7 @@ def _optimize_host(emb, head, tail, eps, eps_neg, n_epochs, a, b, gamma, alpha0,
     next_sample = eps.copy()
     next_negative = eps_neg.copy()
     for epoch in range(n_epochs):
-        alpha = alpha0 * (1.0 - float(epoch) / float(n_epochs))
+        alpha = alpha0 * (1.0 - float(max(epoch - 1, 0)) / float(n_epochs))  # as umap-learn
         n = float(epoch)
         for e in range(n_edges):
             if next_sample[e] > n:
@@ -190,18 +243,83 @@ def optimize_layout_device(embedding, head, tail, eps, n_epochs: int, a: float, 
 
     emb_h, head_h, tail_h, eps_h, eps_neg_h = _prepare(embedding, head, tail, eps,
                                                        negative_sample_rate)
-    n_vertices, dim = emb_h.shape
-    n_edges = head_h.size
-    emb = cp.asarray(emb_h)
+    return _epochs_device(cp.asarray(emb_h), cp.asarray(head_h), cp.asarray(tail_h),
+                          cp.asarray(eps_h), cp.asarray(eps_neg_h), n_epochs, a, b, gamma, alpha,
+                          seed)
+
+
+class DeviceGraph(NamedTuple):
+    """A CSR graph's arrays on the device (indptr and indices of one integer dtype)."""
+
+    indptr: Any
+    indices: Any
+    weights: Any
+    n_vertices: int
+
+
+def graph_to_device(graph: sparse.csr_matrix) -> DeviceGraph:
+    """Copy a host CSR graph to the device once, for the spectral start and the layout."""
+    import cupy as cp
+
+    index = np.result_type(graph.indptr, graph.indices)
+    return DeviceGraph(cp.asarray(graph.indptr.astype(index, copy=False)),
+                       cp.asarray(graph.indices.astype(index, copy=False)),
+                       cp.asarray(graph.data), int(graph.shape[0]))
+
+
+def optimize_layout_device_csr(embedding, graph: DeviceGraph, n_epochs: int, a: float, b: float,
+                               gamma: float, alpha: float, negative_sample_rate: float,
+                               seed: int) -> np.ndarray:
+    """:func:`optimize_layout_device` for the edges of a device CSR graph in their stored
+    order (what tl.umap passes the twin as COO rows and columns): heads, tails and
+    epochs per sample are made on the device, the host only sends the start.
+
+    Device memory: besides :func:`optimize_layout_device`'s, an int64 edge counter (E·8
+    bytes) while the heads are found.
+    """
+    import cupy as cp
+
+    emb = cp.asarray(np.ascontiguousarray(embedding, dtype=np.float32))
+    n_vertices = emb.shape[0]
+    n_edges = int(graph.indices.size)
+    index = np.int64 if n_vertices > np.iinfo(np.int32).max else np.int32  # as _prepare
+    head = cp.searchsorted(graph.indptr[1:], cp.arange(n_edges), side="right").astype(index)
+    tail = graph.indices.astype(index, copy=False)
+    eps = _epochs_per_sample_device(cp, graph.weights, n_epochs)
+    keep = eps > 0  # as _prepare: edges of weight 0 are never sampled
+    if not bool(keep.all()):  # synchronize!
+        head, tail, eps = head[keep], tail[keep], eps[keep]
+    if negative_sample_rate > 0:
+        eps_neg = eps / float(negative_sample_rate)
+    else:
+        eps_neg = cp.full(eps.shape, 1e300)
+    return _epochs_device(emb, head, tail, eps, eps_neg, n_epochs, a, b, gamma, alpha, seed)
+
+
+def _epochs_per_sample_device(xp, weights, n_epochs: int):
+    """:func:`epochs_per_sample` with device arrays, the same float64 operations in the same
+    order (IEEE division and products), so the same numbers."""
+    w = weights.astype(np.float64)
+    if w.size == 0 or n_epochs <= 0:
+        return xp.full(w.shape, -1.0)
+    n_samples = n_epochs * (w / w.max())
+    positive = n_samples > 0
+    return xp.where(positive, float(n_epochs) / xp.where(positive, n_samples, 1.0), -1.0)
+
+
+def _epochs_device(emb, head_d, tail_d, eps_d, eps_neg_d, n_epochs, a, b, gamma, alpha, seed):
+    """The epoch loop of both device entries; returns the host embedding."""
+    import cupy as cp
+
+    n_vertices, dim = emb.shape
+    n_edges = int(head_d.size)
     acc = cp.zeros(emb.shape, np.int64)
-    head_d, tail_d = cp.asarray(head_h), cp.asarray(tail_h)
-    eps_d, eps_neg_d = cp.asarray(eps_h), cp.asarray(eps_neg_h)
     next_sample, next_negative = eps_d.copy(), eps_neg_d.copy()
-    epoch_kernel = _kernel(cuda.template_name("umap_epoch", head_h.dtype))
+    epoch_kernel = _kernel(cuda.template_name("umap_epoch", head_d.dtype))
     apply_kernel = _kernel("umap_apply")
     size = n_vertices * dim
     for epoch in range(int(n_epochs)):
-        rate = float(alpha) * (1.0 - float(epoch) / float(n_epochs))
+        rate = float(alpha) * (1.0 - float(max(epoch - 1, 0)) / float(n_epochs))  # as umap-learn
         cuda.launch(epoch_kernel, -(-n_edges // BLOCK), BLOCK, (
             emb, acc, head_d, tail_d, np.int64(n_edges), np.int32(dim), np.int64(n_vertices),
             eps_d, eps_neg_d, next_sample, next_negative, np.float64(a), np.float64(b),
@@ -210,21 +328,37 @@ def optimize_layout_device(embedding, head, tail, eps, n_epochs: int, a: float, 
     return emb.get()  # synchronize!
 
 
-def spectral_init_device(graph, dim: int):
+def weak_components_device(graph: DeviceGraph) -> int:
+    """The number of weakly connected components of a device graph (``umap_link``'s
+    union-find): scipy's ``connected_components(graph)``'s count, without the labels.
+
+    Device memory: one parent per vertex (n·4 bytes, n·8 past 2^31 vertices or edges).
+    """
+    import cupy as cp
+
+    n = graph.n_vertices
+    index = graph.indptr.dtype
+    parent = cp.arange(n, dtype=index)
+    kernel = _kernel(cuda.template_name("umap_link", index))
+    cuda.launch(kernel, -(-n // BLOCK), BLOCK, (graph.indptr, graph.indices, np.int64(n), parent))
+    return int((parent == cp.arange(n, dtype=index)).sum())  # synchronize!
+
+
+def spectral_init_device(graph: DeviceGraph, dim: int):
     """The ``dim`` leading non-trivial eigenvectors of D^-1/2 A D^-1/2 (cupyx eigsh), as
     umap-learn's spectral_layout for a connected graph; ``None`` when the graph is not
     connected (the caller then uses umap-learn's per-component layout on the host).
+    The connectivity test runs on the device (:func:`weak_components_device`).
     """
+    n = graph.n_vertices
+    if dim + 1 >= n or weak_components_device(graph) > 1:
+        return None
     import cupy as cp
     from cupyx.scipy import sparse as cpsparse
     from cupyx.scipy.sparse import linalg as cplinalg
-    from scipy.sparse.csgraph import connected_components
 
-    n_comp, _ = connected_components(graph)
-    n = graph.shape[0]
-    if n_comp > 1 or dim + 1 >= n:
-        return None
-    a = cpsparse.csr_matrix(graph.tocsr().astype(np.float64))
+    a = cpsparse.csr_matrix((graph.weights.astype(cp.float64), graph.indices, graph.indptr),
+                            shape=(n, n))
     deg = cp.asarray(a.sum(axis=1)).ravel()
     inv_sqrt = 1.0 / cp.sqrt(deg)
     d = cpsparse.diags(inv_sqrt)

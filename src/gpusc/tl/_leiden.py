@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Literal
 
+import numba
 import numpy as np
 import pandas as pd
 from anndata import AnnData
@@ -20,6 +21,12 @@ from scipy import sparse
 from .._core.adata import actualize_view
 from .._core.arrays import placement
 from .._settings import resolve_device
+
+# Rows per parallel work item of the host graph passes: fixed, so their float sums are added
+# in one order whatever the number of threads.
+ROWS_PER_CHUNK = 16384
+# Most per-chunk partial column sums by cluster (float64) modularity keeps: 32 MiB.
+IN_PARTIAL_LIMIT = 1 << 22
 
 _NO_PLC = ("pylibcugraph is not installed: {func} runs scanpy's CPU (igraph) path instead; "
            "install gpusc[rapids-cu13] (or rapids-cu12) to cluster on the GPU")
@@ -163,7 +170,7 @@ def _cluster(func, adata, resolution, *, restrict_to, random_state, key_added, a
                     use_weights, n_iterations, partition_type, flavor, extra)
         return adata if copy else None
 
-    sub = graph if mask is None else graph[mask][:, mask]
+    sub = _canonical_csr(graph if mask is None else graph[mask][:, mask])
     for r, key in zip(resolutions, keys, strict=True):
         labels = _gpu_partition(func, sub, r, random_state, use_weights, n_iterations)
         labels = _by_size(labels)
@@ -261,7 +268,8 @@ def _choose_graph(adata, adjacency, obsp, neighbors_key, func):
         graph = adata.obsp[ckey]
     if placement(graph) == "device":
         graph = graph.get()  # synchronize!
-    graph = sparse.csr_matrix(graph)
+    if not (sparse.issparse(graph) and graph.format == "csr"):
+        graph = sparse.csr_matrix(graph)
     if graph.shape != (adata.n_obs, adata.n_obs):
         raise ValueError(f"{func}: the adjacency has shape {graph.shape}; expected "
                          f"(n_obs, n_obs) = {(adata.n_obs, adata.n_obs)}")
@@ -287,6 +295,12 @@ def _restrict_mask(adata, restrict_to, func):
 def _store(adata, key, labels, mask, restrict_to):
     from natsort import natsorted
 
+    if mask is None and labels.dtype.kind in "iu" and labels.size and labels.min() == 0 \
+            and np.bincount(labels).all():
+        # labels 0..k-1 (by size): categories "0".."k-1" are natsorted already; no strings per cell
+        categories = [str(i) for i in range(int(labels.max()) + 1)]
+        adata.obs[key] = pd.Categorical.from_codes(labels, categories=categories)
+        return
     groups = labels.astype("U")
     if mask is not None:  # scanpy's rename_groups
         restrict_key, categories = restrict_to
@@ -298,36 +312,60 @@ def _store(adata, key, labels, mask, restrict_to):
 
 
 def _by_size(labels):
-    """Clusters renumbered by size, largest 0 (ties: the cluster met first)."""
-    labels = np.asarray(labels)
-    uniq, first, inverse, counts = np.unique(labels, return_index=True, return_inverse=True,
-                                             return_counts=True)
-    order = np.lexsort((first, -counts))
-    rank = np.empty_like(order)
+    """Clusters renumbered by size, largest 0 (ties: the cluster met first); int64."""
+    labels = np.asarray(labels).ravel()
+    if labels.dtype.kind in "iu" and labels.size and labels.min() >= 0 \
+            and labels.max() < 2 * labels.size:  # pylibcugraph's: vertex numbers
+        first_seen = _numbered_as_met(labels, int(labels.max()) + 1)
+    else:
+        _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+        met = np.empty_like(first)
+        met[np.argsort(first)] = np.arange(first.size)
+        first_seen = met[inverse.ravel()]
+    counts = np.bincount(first_seen)
+    order = np.argsort(-counts, kind="stable")  # equal sizes stay in the order met
+    rank = np.empty(order.size, np.int64)
     rank[order] = np.arange(order.size)
-    return rank[inverse.ravel()]
+    return rank[first_seen]
+
+
+@numba.njit(cache=True)
+def _numbered_as_met(labels, n_values):
+    """Each label's number in the order labels are first met (0, 1, ...)."""
+    number = np.full(n_values, -1, np.int64)
+    out = np.empty(labels.size, np.int64)
+    k = 0
+    for i in range(labels.size):
+        if number[labels[i]] < 0:
+            number[labels[i]] = k
+            k += 1
+        out[i] = number[labels[i]]
+    return out
 
 
 # ---------------------------------------------------------------- GPU (pylibcugraph)
 
 def _gpu_partition(func, graph, resolution, random_state, use_weights, n_iterations):
-    """Cluster labels (host int array) of a host CSR adjacency with pylibcugraph."""
+    """Cluster labels (host int array) of a canonical host CSR adjacency with pylibcugraph.
+
+    pylibcugraph wants every edge stored both ways at equal weights, no self-loops: the
+    graph goes to the device as it is and is tested there (:func:`device_symmetry`); only
+    a graph that needs symmetrising or cleaning is made :func:`undirected_graph` on the
+    host and sent again.
+    """
     import cupy as cp
     import pylibcugraph as plc
 
-    a = sparse.csr_matrix(graph, dtype=np.float64 if graph.dtype == np.float64 else np.float32)
-    if (a != a.T).nnz:  # pylibcugraph wants every edge stored both ways, equal weights
-        a = ((a + a.T) * 0.5).tocsr()
-    a.setdiag(0)
-    a.eliminate_zeros()
-    a.sort_indices()
-    n = a.shape[0]
-    if a.nnz == 0:
+    n = graph.shape[0]
+    offsets, indices, weights = _to_device(cp, graph)
+    symmetric, dropped = device_symmetry(cp, offsets, indices, weights, n)
+    if not symmetric or dropped:
+        undirected, _ = undirected_graph(graph, symmetric=symmetric)
+        offsets, indices, weights = _to_device(cp, undirected)
+    if indices.size == 0:
         return np.arange(n)
-    index = np.int64 if a.nnz > np.iinfo(np.int32).max or n > np.iinfo(np.int32).max else np.int32
-    offsets = cp.asarray(a.indptr.astype(index))
-    indices = cp.asarray(a.indices.astype(index))
-    weights = cp.asarray(a.data) if use_weights else cp.ones(a.nnz, dtype=a.dtype)
+    if not use_weights:
+        weights = cp.ones(indices.size, dtype=weights.dtype)
     handle = plc.ResourceHandle()
     g = plc.SGGraph(resource_handle=handle,
                     graph_properties=plc.GraphProperties(is_symmetric=True, is_multigraph=False),
@@ -356,6 +394,38 @@ def _gpu_partition(func, graph, resolution, random_state, use_weights, n_iterati
     return labels
 
 
+def _to_device(xp, graph):
+    """CSR arrays on the device: indices of one dtype (int64 only past 2^31), float32
+    weights unless float64 (as the host cleaning would make them)."""
+    index = np.int64 if graph.nnz > np.iinfo(np.int32).max or graph.shape[0] > np.iinfo(np.int32).max \
+        else np.int32
+    value = np.float64 if graph.dtype == np.float64 else np.float32
+    return (xp.asarray(graph.indptr.astype(index, copy=False)),
+            xp.asarray(graph.indices.astype(index, copy=False)),
+            xp.asarray(graph.data).astype(value, copy=False))
+
+
+def device_symmetry(xp, indptr, indices, data, n: int) -> tuple[bool, int]:
+    """(A = Aᵀ, self-loops and zeros stored) of a canonical CSR on the device (``xp``:
+    cupy, or numpy for host arrays), exactly as scipy's ``(A != A.T).nnz == 0``: every
+    stored non-zero (i, j, v) must find (j, i) stored with the same v (NaN never does).
+
+    Every entry's (row, column) key is looked up among the sorted keys (binary search).
+    Device memory: about 50 bytes per stored entry while it runs.
+    """
+    nnz = int(indices.size)
+    rows = xp.searchsorted(indptr[1:], xp.arange(nnz), side="right")
+    cols = indices.astype(np.int64)
+    keys = rows * n + cols  # sorted: the CSR is canonical
+    mirrors = cols * n + rows
+    at = xp.minimum(xp.searchsorted(keys, mirrors), max(nnz - 1, 0))
+    zero = data == 0
+    ok = zero | ((keys[at] == mirrors) & (data[at] == data))
+    symmetric = bool(ok.all())  # synchronize!
+    dropped = int((zero | (rows == cols)).sum())  # synchronize!
+    return symmetric, dropped
+
+
 def _seed(random_state):
     """pylibcugraph's seed: an int as it is (low 32 bits), else one drawn from the RandomState."""
     if random_state is None:
@@ -366,6 +436,144 @@ def _seed(random_state):
     return int(rs.randint(0, 2**31 - 1))
 
 
+# ---------------------------------------------------------------- host graph passes (numba)
+
+def _canonical_csr(graph) -> sparse.csr_matrix:
+    """``graph`` as CSR with sorted indices and no duplicates (summed); a copy only if needed."""
+    if not (sparse.issparse(graph) and graph.format == "csr"):
+        graph = sparse.csr_matrix(graph)
+    if not graph.has_canonical_format:
+        graph = graph.copy()
+        graph.sum_duplicates()
+    return graph
+
+
+def undirected_graph(graph, symmetric: bool | None = None) -> tuple[sparse.csr_matrix, bool]:
+    """pylibcugraph's input: ``graph`` with every edge stored both ways at equal weights,
+    without self-loops and zeros, indices sorted; and whether ``graph`` was symmetric.
+
+    As scipy's ``a = (A + Aᵀ) / 2`` if A ≠ Aᵀ, then ``a.setdiag(0); a.eliminate_zeros();
+    a.sort_indices()`` on float32 weights (float64 stay float64), in one numba pass over
+    the rows (two: lengths, then entries). ``symmetric``: A = Aᵀ when the caller knows it
+    (:func:`device_symmetry`), else a numba pass finds out (it also counts what is to drop:
+    a symmetric graph without self-loops and zeros is used as it is, no copy).
+    """
+    a = _canonical_csr(graph)
+    data = a.data
+    if data.dtype not in (np.float32, np.float64):
+        data = data.astype(np.float32)
+    dropped = None
+    if symmetric is None:
+        unmatched, upper, lower, dropped = _symmetry_counts(a.indptr, a.indices, data)
+        symmetric = bool(unmatched == 0 and upper == lower)
+    if symmetric and dropped == 0:
+        if data is a.data:
+            return a, True
+        return _csr(data, a.indices, a.indptr, a.shape), True
+    if symmetric:  # only drop self-loops and zeros
+        t_indptr, t_indices, t_data = np.zeros(1, a.indptr.dtype), a.indices[:0], data[:0]
+    else:  # merge each row with the same row of the transpose (scipy's csr_tocsc: sorted)
+        t = sparse.csr_matrix((data, a.indices, a.indptr), shape=a.shape).T.tocsr()
+        t_indptr, t_indices, t_data = t.indptr, t.indices, t.data
+    scale = data.dtype.type(1.0 if symmetric else 0.5)
+    indptr = np.zeros(a.indptr.size, np.int64)
+    empty_i, empty_d = a.indices[:0], data[:0]
+    _merge_rows(a.indptr, a.indices, data, t_indptr, t_indices, t_data, not symmetric, scale,
+                indptr, empty_i, empty_d, False)
+    np.cumsum(indptr, out=indptr)
+    index = np.int64 if indptr[-1] > np.iinfo(np.int32).max else a.indices.dtype
+    indptr = indptr.astype(index)
+    indices, values = np.empty(indptr[-1], index), np.empty(indptr[-1], data.dtype)
+    _merge_rows(a.indptr, a.indices, data, t_indptr, t_indices, t_data, not symmetric, scale,
+                indptr, indices, values, True)
+    return _csr(values, indices, indptr, a.shape), symmetric
+
+
+def _csr(data, indices, indptr, shape) -> sparse.csr_matrix:
+    out = sparse.csr_matrix((data, indices, indptr), shape=shape, copy=False)
+    out.has_canonical_format = True
+    return out
+
+
+@numba.njit(cache=True, parallel=True)
+def _symmetry_counts(indptr, indices, data):
+    """(entries above the diagonal without an equal mirror, entries above, entries below,
+    self-loops and zeros). Zeros count as absent. A is symmetric iff the first is 0 and
+    above = below: every entry above then has its mirror, and no entry below is left over."""
+    n = indptr.size - 1
+    n_chunks = (n + ROWS_PER_CHUNK - 1) // ROWS_PER_CHUNK
+    counts = np.zeros((n_chunks, 4), np.int64)
+    for c in numba.prange(n_chunks):
+        unmatched = above = below = dropped = 0
+        for i in range(c * ROWS_PER_CHUNK, min(n, (c + 1) * ROWS_PER_CHUNK)):
+            for p in range(indptr[i], indptr[i + 1]):
+                j = indices[p]
+                v = data[p]
+                if j == i or v == 0:
+                    dropped += 1
+                    unmatched += np.isnan(v)  # a NaN self-loop: NaN != NaN, as in A != Aᵀ
+                elif j < i:
+                    below += 1
+                else:
+                    above += 1
+                    end = np.int64(indptr[j + 1])
+                    at = _find_sorted(indices, np.int64(indptr[j]), end, i)
+                    if at == end or data[at] != v:  # NaN never matches, as in A != Aᵀ
+                        unmatched += 1
+        counts[c, 0] = unmatched
+        counts[c, 1] = above
+        counts[c, 2] = below
+        counts[c, 3] = dropped
+    total = counts.sum(axis=0)
+    return total[0], total[1], total[2], total[3]
+
+
+@numba.njit(cache=True, inline="always")
+def _find_sorted(indices, lo, hi, value):
+    """Position of ``value`` in the sorted ``indices[lo:hi]``, or ``hi``."""
+    end = hi
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if indices[mid] < value:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo if lo < end and indices[lo] == value else end
+
+
+@numba.njit(cache=True, parallel=True)
+def _merge_rows(indptr, indices, data, t_indptr, t_indices, t_data, merge, scale, out_indptr,
+                out_indices, out_data, write):
+    """Row i of ``(A + T) * scale`` (T's row only when ``merge``) without the diagonal and
+    zeros: its length into out_indptr[i + 1] (write=False), or its entries from
+    out_indptr[i] (write=True). Entries in one of A and T keep their value times scale."""
+    n = indptr.size - 1
+    for i in numba.prange(n):
+        p, p_end = indptr[i], indptr[i + 1]
+        t = t_end = 0
+        if merge:
+            t, t_end = t_indptr[i], t_indptr[i + 1]
+        q = out_indptr[i] if write else 0
+        while p < p_end or t < t_end:
+            if t == t_end or (p < p_end and indices[p] < t_indices[t]):
+                j, v = indices[p], data[p] * scale
+                p += 1
+            elif p == p_end or t_indices[t] < indices[p]:
+                j, v = t_indices[t], t_data[t] * scale
+                t += 1
+            else:
+                j, v = indices[p], (data[p] + t_data[t]) * scale
+                p += 1
+                t += 1
+            if j != i and v != 0:
+                if write:
+                    out_indices[q] = j
+                    out_data[q] = v
+                q += 1
+        if not write:
+            out_indptr[i + 1] = q
+
+
 # ---------------------------------------------------------------- modularity (host)
 
 def modularity(adjacency, labels, *, resolution: float = 1.0, weighted: bool = True) -> float:
@@ -374,18 +582,82 @@ def modularity(adjacency, labels, *, resolution: float = 1.0, weighted: bool = T
     W is the sum of all entries, k^out/k^in the row/column sums; for a symmetric matrix
     this equals igraph's undirected and directed modularity of the graph scanpy builds
     from it. ``weighted=False`` counts every stored non-zero as 1.
+
+    Straight from the CSR in one parallel numba pass over fixed chunks of rows, the chunks'
+    partial sums added in chunk order: the same number whatever the thread count.
     """
-    a = sparse.coo_matrix(adjacency)
-    a.sum_duplicates()
-    keep = a.data != 0
-    rows, cols = a.row[keep], a.col[keep]
-    data = a.data[keep].astype(np.float64) if weighted else np.ones(int(keep.sum()))
-    total = data.sum()
+    a = _canonical_csr(adjacency)
+    codes, n_clusters = _cluster_codes(labels)
+    if a.shape[0] != a.shape[1] or codes.size != a.shape[0]:
+        raise ValueError(f"modularity: {codes.size} labels for an adjacency of shape {a.shape}; "
+                         "expected a square matrix and one label per row")
+    if a.nnz == 0:
+        return float("nan")
+    n_chunks = -(-a.shape[0] // ROWS_PER_CHUNK)
+    # column sums by cluster: per chunk of rows when that is small, else in a serial pass
+    by_chunk = n_chunks * n_clusters <= IN_PARTIAL_LIMIT
+    in_partial = np.zeros((n_chunks, n_clusters) if by_chunk else (0, 0))
+    out_weight = np.empty(a.shape[0])
+    sums = _modularity_sums(a.indptr, a.indices, a.data, codes, weighted, out_weight, in_partial)
+    total, inside = sums[:, 0].sum(), sums[:, 1].sum()
     if total == 0:
         return float("nan")
-    codes = pd.factorize(np.asarray(labels))[0]
-    n_clusters = codes.max() + 1
-    inside = data[codes[rows] == codes[cols]].sum()
-    k_out = np.bincount(codes[rows], weights=data, minlength=n_clusters)
-    k_in = np.bincount(codes[cols], weights=data, minlength=n_clusters)
+    k_out = np.bincount(codes, weights=out_weight, minlength=n_clusters)
+    if by_chunk:
+        k_in = in_partial.sum(axis=0)
+    else:
+        k_in = _column_sums_by_cluster(a.indices, a.data, codes, weighted, n_clusters)
     return float(inside / total - resolution * (k_out * k_in).sum() / total**2)
+
+
+def _cluster_codes(labels) -> tuple[np.ndarray, int]:
+    """Labels as cluster numbers 0..k-1 (as they are when they already are small ints)."""
+    labels = np.asarray(labels).ravel()
+    if not (labels.dtype.kind in "iu" and labels.size and labels.min() >= 0
+            and labels.max() < labels.size):
+        labels = pd.factorize(labels)[0]
+        if labels.size and labels.min() < 0:
+            raise ValueError("modularity: the labels contain missing values")
+    n_clusters = int(labels.max()) + 1 if labels.size else 0
+    return np.ascontiguousarray(labels, dtype=np.int32 if n_clusters < 2**31 else np.int64), n_clusters
+
+
+@numba.njit(cache=True, parallel=True)
+def _modularity_sums(indptr, indices, data, codes, weighted, row_sums, in_partial):
+    """Per chunk of rows: (weight, weight within clusters); each row's weight into
+    row_sums, and when in_partial has a row per chunk the chunk's column sums by cluster."""
+    n = indptr.size - 1
+    n_chunks = (n + ROWS_PER_CHUNK - 1) // ROWS_PER_CHUNK
+    by_chunk = in_partial.shape[0] == n_chunks
+    sums = np.zeros((n_chunks, 2))
+    for c in numba.prange(n_chunks):
+        total = inside = 0.0
+        for i in range(c * ROWS_PER_CHUNK, min(n, (c + 1) * ROWS_PER_CHUNK)):
+            ci = codes[i]
+            row = 0.0
+            for p in range(indptr[i], indptr[i + 1]):
+                v = data[p]
+                if v == 0:
+                    continue
+                w = np.float64(v) if weighted else 1.0
+                row += w
+                cj = codes[indices[p]]
+                if cj == ci:
+                    inside += w
+                if by_chunk:
+                    in_partial[c, cj] += w
+            row_sums[i] = row
+            total += row
+        sums[c, 0] = total
+        sums[c, 1] = inside
+    return sums
+
+
+@numba.njit(cache=True)
+def _column_sums_by_cluster(indices, data, codes, weighted, n_clusters):
+    out = np.zeros(n_clusters)
+    for p in range(indices.size):
+        v = data[p]
+        if v != 0:
+            out[codes[indices[p]]] += np.float64(v) if weighted else 1.0
+    return out

@@ -50,11 +50,13 @@ def umap(
       without a GPU.
 
     The optimiser is umap-learn's (edge sampling by ``epochs_per_sample``, negative
-    sampling, clip ±4, learning rate ``alpha·(1 − epoch/n_epochs)``) with synchronous
+    sampling, clip ±4, learning rate lowered after each epoch) with synchronous
     per-epoch updates summed in fixed point, and negative samples from a counter-based
     hash: the same graph, parameters and ``random_state`` give the identical embedding
     run to run on one device (umap-learn's own threads race). See
-    :mod:`gpusc._kernels.umap`.
+    :mod:`gpusc._kernels.umap`. On the GPU the host only prepares the graph
+    (:func:`layout_graph`) and sends it once; the connectivity test before the spectral
+    start, the edges' schedules and the layout run on the device.
 
     Parameters
     ----------
@@ -147,16 +149,9 @@ def umap(
 
     if a is None or b is None:
         a, b = find_ab_params(spread, min_dist)
-    graph = sparse.coo_matrix(adata.obsp[ckey], copy=True)
-    graph.sum_duplicates()
-    graph = graph.astype(np.float32)
+    graph, n_epochs = layout_graph(adata.obsp[ckey], maxiter)
     n = graph.shape[0]
-    default_epochs = 500 if n <= 10000 else 200
-    n_epochs = default_epochs if maxiter is None else int(maxiter)
-    # umap-learn: drop edges too weak to be sampled once in n_epochs
-    cut = graph.data.max() / float(n_epochs if n_epochs > 10 else default_epochs) if graph.nnz else 0
-    graph.data[graph.data < cut] = 0.0
-    graph.eliminate_zeros()
+    on_device = _umap.graph_to_device(graph) if where == "gpu" else None
 
     params: dict[str, Any] = {"a": a, "b": b}
     if not (isinstance(random_state, int | np.integer) and random_state == 0):
@@ -167,18 +162,23 @@ def umap(
     elif init_pos == "random":
         start = rs.uniform(low=-10.0, high=10.0, size=(n, n_components)).astype(np.float32)
     else:
-        coords = _umap.spectral_init_device(graph, n_components) if where == "gpu" else None
+        coords = None if on_device is None else _umap.spectral_init_device(on_device, n_components)
         if coords is None:
-            coords = _spectral_host(adata, graph, n_components, rs, neighbors.get("params", {}))
+            coords = _spectral_host(adata, graph.tocoo(), n_components, rs,
+                                    neighbors.get("params", {}))
         start = _noisy_scale(coords, rs)
     span = start.max(axis=0) - start.min(axis=0)
     start = (10.0 * (start - start.min(axis=0)) / np.where(span > 0, span, 1.0)).astype(
         np.float32, order="C")
-    eps = _umap.epochs_per_sample(graph.data, n_epochs)
     seed = _umap.seed_from(rs)
-    optimise = _umap.optimize_layout_device if where == "gpu" else _umap.optimize_layout_host
-    embedding = optimise(start, graph.row, graph.col, eps, n_epochs, a, b, gamma, alpha,
-                         negative_sample_rate, seed)
+    if on_device is not None:  # heads, tails and epochs per sample are made on the device
+        embedding = _umap.optimize_layout_device_csr(start, on_device, n_epochs, a, b, gamma,
+                                                     alpha, negative_sample_rate, seed)
+    else:
+        edges = graph.tocoo()
+        eps = _umap.epochs_per_sample(edges.data, n_epochs)
+        embedding = _umap.optimize_layout_host(start, edges.row, edges.col, eps, n_epochs, a, b,
+                                               gamma, alpha, negative_sample_rate, seed)
 
     if copy:
         adata = adata.copy()
@@ -187,6 +187,32 @@ def umap(
     adata.uns[key_uns] = {"params": params}
     adata.obsm[key_obsm] = embedding
     return adata if copy else None
+
+
+def layout_graph(connectivities, maxiter: int | None) -> tuple[sparse.csr_matrix, int]:
+    """The graph the layout samples and its number of epochs, as umap-learn prepares them.
+
+    Duplicates summed, weights float32, then the edges too weak to be sampled once in
+    ``n_epochs`` (below max / n_epochs) and the zeros dropped: a canonical float32 CSR whose
+    entries keep their row-major order (the twin's COO order; the device's edge numbers).
+    A canonical float32 CSR with nothing to drop is used as it is, without a copy.
+    """
+    graph = connectivities
+    if not (sparse.issparse(graph) and graph.format == "csr"):
+        graph = sparse.csr_matrix(graph)
+    if not graph.has_canonical_format:
+        graph = graph.copy()
+        graph.sum_duplicates()
+    if graph.dtype != np.float32:
+        graph = graph.astype(np.float32)
+    n = graph.shape[0]
+    default_epochs = 500 if n <= 10000 else 200
+    n_epochs = default_epochs if maxiter is None else int(maxiter)
+    if graph.nnz == 0:
+        return graph, n_epochs
+    # float32 / float: a float32 cut, compared in float32 (as umap-learn on its float32 graph)
+    cut = graph.data.max() / float(n_epochs if n_epochs > 10 else default_epochs)
+    return _umap.drop_weak_edges(graph, cut), n_epochs
 
 
 def find_ab_params(spread: float, min_dist: float) -> tuple[float, float]:

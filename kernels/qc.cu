@@ -103,15 +103,12 @@ __device__ __forceinline__ void row_top_values(const Rows& rows, long long b, lo
 }
 
 // One block per row; threads stride the row's values. Row sums, non-zero counts and qc_var
-// sums reduce in a fixed tree (deterministic). Per-gene counts are integer atomics (exact);
-// per-gene sums are double atomics, exact and so deterministic only while the values are
-// integers below 2^53: for other data the caller passes col_total = nullptr and sums the
-// genes in a fixed order itself.
+// sums reduce in a fixed tree (deterministic). The per-gene columns come from the moments
+// family (kernels/moments.cu), which reads rows in slices: no atomic per stored value here.
 template <typename T, class Rows>
 __device__ __forceinline__ void qc_row(const Rows& rows, long long row, const unsigned* qc_bits, int n_qc,
                        const int* ns, int n_ns, int top_n, int cap, double* row_total,
-                       long long* row_nnz, double* row_qc, double* row_top, double* col_total,
-                       unsigned long long* col_nnz, int* flags) {
+                       long long* row_nnz, double* row_qc, double* row_top, int* flags) {
     extern __shared__ __align__(16) unsigned char shared[];
     T* top = reinterpret_cast<T*>(shared);
     TopState& st = *reinterpret_cast<TopState*>(shared + ((cap * sizeof(T) + 15) / 16) * 16);
@@ -124,16 +121,11 @@ __device__ __forceinline__ void qc_row(const Rows& rows, long long row, const un
     int bad = 0;
     for (long long j = b + threadIdx.x; j < e; j += blockDim.x) {
         const T v = rows.data[j];
-        const long long col = rows.column(j, b);
         bad |= value_flags(v);
         total += (double)v;
-        if (v != T(0)) {
-            ++nnz;
-            if (col_nnz != nullptr) atomicAdd(&col_nnz[col], 1ull);
-            if (col_total != nullptr) atomicAdd(&col_total[col], (double)v);
-        }
+        nnz += v != T(0);
         if (n_qc > 0) {
-            const unsigned bits = qc_bits[col];
+            const unsigned bits = qc_bits[rows.column(j, b)];
 #pragma unroll
             for (int q = 0; q < QC_VARS_PER_PASS; ++q)
                 if ((bits >> q) & 1u) qc[q] += (double)v;
@@ -166,20 +158,18 @@ template <typename T, typename I>
 __global__ void
 qc_csr(const T* data, const I* indices, const I* indptr, long long n_rows,
        const unsigned* qc_bits, int n_qc, const int* ns, int n_ns, int top_n, int cap,
-       double* row_total, long long* row_nnz, double* row_qc, double* row_top,
-       double* col_total, unsigned long long* col_nnz, int* flags) {
+       double* row_total, long long* row_nnz, double* row_qc, double* row_top, int* flags) {
     const CsrRows<T, I> rows = {const_cast<T*>(data), indices, indptr};
     qc_row<T>(rows, (long long)blockIdx.x, qc_bits, n_qc, ns, n_ns, top_n, cap, row_total,
-              row_nnz, row_qc, row_top, col_total, col_nnz, flags);
+              row_nnz, row_qc, row_top, flags);
 }
 
 template <typename T>
 __global__ void
 qc_dense(const T* x, long long n_rows, long long n_cols,
          const unsigned* qc_bits, int n_qc, const int* ns, int n_ns, int top_n, int cap,
-         double* row_total, long long* row_nnz, double* row_qc, double* row_top,
-         double* col_total, unsigned long long* col_nnz, int* flags) {
+         double* row_total, long long* row_nnz, double* row_qc, double* row_top, int* flags) {
     const DenseRows<T> rows = {const_cast<T*>(x), n_cols};
     qc_row<T>(rows, (long long)blockIdx.x, qc_bits, n_qc, ns, n_ns, top_n, cap, row_total,
-              row_nnz, row_qc, row_top, col_total, col_nnz, flags);
+              row_nnz, row_qc, row_top, flags);
 }

@@ -3,8 +3,8 @@
 Tolerances: float columns rtol 1e-5 (float32 input) / 1e-10 (float64 input) with the
 conftest ``tolerance`` helper, and identical highly_variable sets — except batched
 seurat_v3(_paper), whose loess fit is not continuous in its inputs: scanpy's own dense and
-CSR paths (two Welford orders) already differ there by ~2e-3 in variances_norm and 6 of 1000
-genes on kang2018, so those tests assert scanpy's own spread (``V3_BATCHED_*`` below).
+CSR paths (two Welford orders) already differ there by 2.4e-3 in variances_norm and 3 of 1000
+HVGs on kang2018, so those tests allow twice what gpusc measures (``V3_BATCHED_*`` below).
 """
 
 from __future__ import annotations
@@ -16,17 +16,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import scanpy as sc
-from scipy import sparse
 
 import gpusc
-from _compare import to_host
+from _compare import assert_unchanged, snapshot, to_host
 from conftest import read_real, synthetic_counts, tolerance
-from gpusc._core.arrays import placement
-from gpusc._kernels.hvg import HVG_CLIP, HVG_EXPM1, HVG_IDENTITY, gene_moments
 
-# Batched seurat_v3: scanpy-vs-scanpy spread on kang2018 (dense vs CSR) is 2.4e-3 and 6/1000.
-V3_BATCHED_RTOL = 2e-2
-V3_BATCHED_MAX_SET_DIFF = 0.02  # fraction of n_top_genes
+# Batched seurat_v3, gpusc against scanpy (CSR input), measured: kang2018 rtol 1.3e-3 in
+# variances_norm and 2 of 1000 HVGs swapped (both flavors; scanpy's dense vs its CSR: 2.4e-3,
+# 3 of 1000); the synthetic data below 9.8e-3 and at most 1 of 40 (scanpy's dense vs CSR:
+# 2.7e-3, 0). means and variances equal scanpy's exactly; the per-batch loess fit jumps with
+# the last bits of its inputs (as scanpy's own two paths show). Allowed: twice the measured.
+V3_BATCHED_RTOL = 3e-3  # kang2018
+V3_BATCHED_MAX_SET_DIFF = 4  # of kang2018's 1000
+V3_BATCHED_SYNTHETIC_RTOL = 2e-2
 
 
 def _quiet(func, *args, **kwargs):
@@ -150,7 +152,7 @@ def test_seurat_v3_batched_kang(kang, flavor):
     np.testing.assert_allclose(got["variances_norm"], expected["variances_norm"], rtol=V3_BATCHED_RTOL)
     assert got["highly_variable"].sum() == n_top
     differ = (got["highly_variable"] != expected["highly_variable"]).sum() // 2
-    assert differ <= V3_BATCHED_MAX_SET_DIFF * n_top, f"{differ} of {n_top} HVGs differ"
+    assert differ <= V3_BATCHED_MAX_SET_DIFF, f"{differ} of {n_top} HVGs differ"
     test = kang.copy()
     gpusc.pp.highly_variable_genes(test, flavor=flavor, batch_key="stim", n_top_genes=n_top)
     assert test.var["highly_variable_nbatches"].dtype == np.int64
@@ -206,86 +208,25 @@ def test_seurat_v3_synthetic_batched(array_type, flavor):
                       batch_key="batch", inplace=False)
     got = gpusc.pp.highly_variable_genes(test, flavor=flavor, n_top_genes=40, batch_key="batch",
                                          inplace=False)
-    np.testing.assert_allclose(got["variances_norm"], expected["variances_norm"], rtol=V3_BATCHED_RTOL)
+    np.testing.assert_allclose(got["variances_norm"], expected["variances_norm"], rtol=V3_BATCHED_SYNTHETIC_RTOL)
     differ = (got["highly_variable"] != expected["highly_variable"]).sum() // 2
-    assert differ <= 1, f"{differ} of 40 HVGs differ"
+    assert differ <= 1, f"{differ} of 40 HVGs differ"  # measured: 1 (seurat_v3_paper)
 
 
-# ---------------------------------------------------------------- the kernels and their twins
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("mode", [HVG_IDENTITY, HVG_EXPM1, HVG_CLIP])
-def test_gene_moments_every_type(array_type, dtype, mode):
-    x = synthetic_counts(200, 90, dtype=dtype, density=0.2, seed=3) / 4
-    codes = np.random.default_rng(0).integers(0, 3, x.shape[0]).astype(np.int32)
-    clip = np.random.default_rng(1).uniform(0.5, 3.0, (3, x.shape[1]))
-    m = gene_moments(array_type(x), codes, 3, mode=mode, scale=0.7, clip=clip, check_integer=True)
-    for b in range(3):
-        xb = x[codes == b]
-        if mode == HVG_EXPM1:
-            f = np.expm1((xb * np.float64(0.7)).astype(dtype)).astype(np.float64)
-        elif mode == HVG_CLIP:
-            f = np.minimum(xb.astype(np.float64), clip[b])
-        else:
-            f = xb.astype(np.float64)
-        rtol = 1e-6 if dtype == np.float32 and mode == HVG_EXPM1 else 1e-12
-        np.testing.assert_allclose(m.sum[b], f.sum(0), rtol=rtol)
-        np.testing.assert_allclose(m.sum_sq[b], (f * f).sum(0), rtol=rtol)
-        np.testing.assert_array_equal(m.n_pos[b], (xb > 0).sum(0))
-    assert m.flags == 4  # non-integers (x / 4), nothing else
-    if placement(array_type(x)) == "host":
-        # the host kernels test for integers only when asked (the device kernels always do)
-        assert gene_moments(array_type(x), codes, 3, mode=mode, scale=0.7, clip=clip).flags == 0
-    # deterministic: a second run is bit-identical
-    again = gene_moments(array_type(x), codes, 3, mode=mode, scale=0.7, clip=clip)
-    np.testing.assert_array_equal(again.sum, m.sum)
-    np.testing.assert_array_equal(again.sum_sq, m.sum_sq)
-
-
-def test_gene_moments_int64_indices():
-    x = sparse.csr_matrix(synthetic_counts(100, 50, seed=2))
-    wide = x.copy()
-    wide.indices, wide.indptr = wide.indices.astype(np.int64), wide.indptr.astype(np.int64)
-    for fmt in ("csr", "csc"):
-        a, b = gene_moments(x.asformat(fmt)), gene_moments(wide.asformat(fmt))
-        if fmt == "csc":
-            b = gene_moments(sparse.csc_matrix((wide.tocsc().data, wide.tocsc().indices.astype(np.int64),
-                                                wide.tocsc().indptr.astype(np.int64)), shape=x.shape))
-        np.testing.assert_array_equal(a.sum, b.sum)
-        np.testing.assert_array_equal(a.sum_sq, b.sum_sq)
-
-
-def test_flags():
-    x = synthetic_counts(50, 20, empty_cols=(5,))
-    x[1, 2], x[3, 4] = -1, np.nan
-    for fmt in (np.asarray, sparse.csr_matrix, sparse.csc_matrix):
-        assert gene_moments(fmt(x)).flags == 1 | 2
-    # inf alone (no NaN) is non-finite too; the host finds it from the sums
-    x[3, 4] = np.inf
-    x[1, 2] = 1
-    for fmt in (np.asarray, sparse.csr_matrix, sparse.csc_matrix):
-        assert gene_moments(fmt(x)).flags == 1
-        assert gene_moments(fmt(x), mode=HVG_CLIP, clip=np.full((1, 20), 2.0)).flags == 1
-
-
-def test_count_positive_false_skips_only_n_pos():
-    x = sparse.csr_matrix(synthetic_counts(60, 50, seed=4))
-    full, lean = gene_moments(x), gene_moments(x, count_positive=False)
-    np.testing.assert_array_equal(lean.sum, full.sum)
-    np.testing.assert_array_equal(lean.sum_sq, full.sum_sq)
-    assert full.n_pos.sum() == x.nnz and not lean.n_pos.any()
+# The moments kernels themselves are tested in test_moments.py.
 
 
 # ---------------------------------------------------------------- arguments, errors
 
 def test_subset_and_inplace_false(pbmc_log):
-    before = pbmc_log.copy()
-    df = gpusc.pp.highly_variable_genes(pbmc_log, n_top_genes=500, flavor="cell_ranger",
+    data = pbmc_log.copy()  # never the module's AnnData: the call must not write, but may
+    before = snapshot(data)
+    df = gpusc.pp.highly_variable_genes(data, n_top_genes=500, flavor="cell_ranger",
                                         subset=True, inplace=False)
     expected = _quiet(sc.pp.highly_variable_genes, pbmc_log.copy(), n_top_genes=500,
                       flavor="cell_ranger", subset=True, inplace=False)
     assert_frames(df, expected, np.float32)
-    assert pbmc_log.var.equals(before.var) and "hvg" not in pbmc_log.uns
+    assert_unchanged(data, before)
     test = pbmc_log.copy()
     gpusc.pp.highly_variable_genes(test, n_top_genes=500, flavor="cell_ranger", subset=True)
     assert test.n_vars == 500 and test.var["highly_variable"].all()

@@ -1,17 +1,18 @@
-"""``kernels/qc.cu`` and its numba twin: per-cell and per-gene QC statistics in one pass."""
+"""``kernels/qc.cu`` and its numba twin: per-cell QC statistics in one pass over the rows; the
+per-gene columns come from the moments family."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache, singledispatch
+from functools import singledispatch
 
 import numba
 import numpy as np
 from fast_array_utils import types
 
 from .._core import cuda
-from .._core.arrays import canonical, to_host
-from .hvg import gene_moments
+from .._core.arrays import canonical
+from .moments import COUNT_NONZERO, gene_moments
 
 QC_VARS_PER_PASS = 4  # kernels/qc.cu's QC_VARS_PER_PASS
 BLOCK = 256
@@ -19,8 +20,7 @@ NAME_EXPRESSIONS = (
     *(cuda.template_name("qc_csr", v, i) for v in (np.float32, np.float64) for i in (np.int32, np.int64)),
     *(cuda.template_name("qc_dense", v) for v in (np.float32, np.float64)),
 )
-# Per-gene sums add chunk by chunk; a fixed chunk count keeps the order, and so the
-# result, the same on every machine whatever its thread count.
+# Rows run in chunks of this count: a fixed number, not the thread count.
 N_CHUNKS = 32
 
 
@@ -45,11 +45,10 @@ def qc_stats(x, qc_masks: np.ndarray, ns: np.ndarray, *, per_gene: bool = True) 
     ``qc_masks`` is a boolean (n_vars, n_qc) array, ``ns`` the sorted ``percent_top``
     positions (each in 1..n_vars). Non-zero counts skip explicitly stored zeros. NaN, inf
     and negative values are reported in the flags, not raised, so the caller decides.
-    ``per_gene=False`` skips the per-gene sums (left zero), which cost a scattered write
-    (on the device an atomic) per stored value, when only per-cell numbers are wanted.
-    Deterministic on both sides: on the device the per-gene sums are atomics only for
-    integer-valued data (exact); other data gets them from ``hvg.gene_moments``'s fixed-order
-    pass instead (for CSR a CSC copy: 2x the matrix at peak).
+    The per-cell statistics come from one pass over the rows (``kernels/qc.cu``, one block per
+    cell, or its numba twin); the per-gene sums and counts from a second pass,
+    :func:`gpusc._kernels.moments.gene_moments` (rows in slices, fixed order: deterministic, no
+    atomics). ``per_gene=False`` skips that second pass (the per-gene arrays are left zero).
     """
     raise TypeError(f"qc_stats: unsupported array type {type(x)}")
 
@@ -63,85 +62,76 @@ def _(x, qc_masks, ns, *, per_gene=True):
 @qc_stats.register(types.csr_matrix | types.csr_array)
 def _(x, qc_masks, ns, *, per_gene=True):
     x = canonical(x)
-    return _stats(*_qc_host(x.data, x.indices, x.indptr, *x.shape, _as_uint8(qc_masks), _ns(ns),
-                            per_gene))
+    rows = _qc_host(x.data, x.indices, x.indptr, *x.shape, _as_uint8(qc_masks), _ns(ns))
+    return _stats(x, *rows, per_gene=per_gene)
 
 
 @qc_stats.register(np.ndarray)
 def _(x, qc_masks, ns, *, per_gene=True):
     flat = np.ascontiguousarray(x).reshape(-1)
     all_cols, no_indptr = np.arange(x.shape[1], dtype=np.int64), np.empty(0, np.int64)
-    return _stats(*_qc_host(flat, all_cols, no_indptr, *x.shape, _as_uint8(qc_masks), _ns(ns),
-                            per_gene))
+    rows = _qc_host(flat, all_cols, no_indptr, *x.shape, _as_uint8(qc_masks), _ns(ns))
+    return _stats(x, *rows, per_gene=per_gene)
 
 
 @qc_stats.register(types.CupyArray | types.CupyCSRMatrix)
 def _(x, qc_masks, ns, *, per_gene=True):
     import cupy as cp
 
-    n_rows, n_cols = x.shape
-    ns = _ns(ns)
-    n_qc = qc_masks.shape[1]
-    dense = isinstance(x, types.CupyArray)
-    if dense:
+    if isinstance(x, types.CupyArray):
         x = cp.ascontiguousarray(x if x.dtype.kind == "f" else x.astype(np.float32))
-        name = cuda.template_name("qc_dense", x.dtype)
-        matrix_args = (x, np.int64(n_rows), np.int64(n_cols))
+        rows = qc_rows_device(x, None, None, x.shape, qc_masks, ns)
     else:
         x = canonical(x)
-        name = cuda.template_name("qc_csr", x.dtype, x.indices.dtype)
-        matrix_args = (x.data, x.indices, x.indptr, np.int64(n_rows))
-    # double atomics add in a racing order: exact (so deterministic) only for integer values
-    gene_atomics = per_gene and not bool(_any_noninteger()(x if dense else x.data))  # synchronize!
+        rows = qc_rows_device(x.data, x.indices, x.indptr, x.shape, qc_masks, ns)
+    return _stats(x, *rows, per_gene=per_gene)
+
+
+def qc_rows_device(data, indices, indptr, shape, qc_masks, ns):
+    """The per-cell pass on the device over a canonical CSR (``data``, ``indices``,
+    ``indptr``) or, with ``indices`` None, the C-ordered dense float matrix ``data``: one block
+    per cell. Returns host arrays (row_total, row_nnz, row_qc, row_top, flags)."""
+    import cupy as cp
+
+    n_rows, n_cols = shape
+    ns = _ns(ns)
+    n_qc = qc_masks.shape[1]
+    if indices is None:
+        name = cuda.template_name("qc_dense", data.dtype)
+        matrix_args = (data, np.int64(n_rows), np.int64(n_cols))
+    else:
+        name = cuda.template_name("qc_csr", data.dtype, indices.dtype)
+        matrix_args = (data, indices, indptr, np.int64(n_rows))
     kernel = cuda.get_kernel("qc", NAME_EXPRESSIONS, name)
 
     top_n = int(ns[-1]) if ns.size else 0
     cap = 1 << max(top_n - 1, 0).bit_length() if top_n else 0
-    shared = -(-cap * x.dtype.itemsize // 16) * 16 + 1024 + 64  # top values, then TopState
+    shared = -(-cap * data.dtype.itemsize // 16) * 16 + 1024 + 64  # top values, then TopState
     if shared > 48 * 1024:  # above the default: opt in (Hopper allows up to 227 KiB)
         kernel.max_dynamic_shared_size_bytes = shared
 
     row_total = cp.empty(n_rows, np.float64)
     row_nnz = cp.empty(n_rows, np.int64)
-    n_groups = -(-n_qc // QC_VARS_PER_PASS)
-    row_qc = cp.zeros((max(n_groups, 1), n_rows, QC_VARS_PER_PASS), np.float64)
+    n_passes = -(-n_qc // QC_VARS_PER_PASS)
+    row_qc = cp.zeros((max(n_passes, 1), n_rows, QC_VARS_PER_PASS), np.float64)
     row_top = cp.zeros((n_rows, max(ns.size, 1)), np.float64)
-    col_total = cp.zeros(n_cols, np.float64)
-    col_nnz = cp.zeros(n_cols, np.uint64)
     flags = cp.zeros(1, np.int32)
-    ns_dev = cp.asarray(ns, np.int32)
+    ns_dev = cp.asarray(ns.astype(np.int32))
     bits = _qc_bits(qc_masks)
     null = np.uintp(0)
-    for g in range(max(n_groups, 1)):
+    for g in range(max(n_passes, 1)):
         first = g == 0  # the first launch does everything; later ones only more qc_vars
-        group_n_qc = min(QC_VARS_PER_PASS, n_qc - g * QC_VARS_PER_PASS)
+        pass_n_qc = min(QC_VARS_PER_PASS, n_qc - g * QC_VARS_PER_PASS)
         cuda.launch(kernel, n_rows, BLOCK, (
             *matrix_args,
             cp.asarray((bits >> np.uint32(QC_VARS_PER_PASS * g)) & np.uint32(0xF)),
-            np.int32(max(group_n_qc, 0)), ns_dev, np.int32(ns.size if first else 0),
+            np.int32(max(pass_n_qc, 0)), ns_dev, np.int32(ns.size if first else 0),
             np.int32(top_n), np.int32(cap),
-            row_total if first else null, row_nnz if first else null, row_qc[g], row_top,
-            col_total if first and gene_atomics else null,
-            col_nnz if first and per_gene else null, flags,
+            row_total if first else null, row_nnz if first else null, row_qc[g], row_top, flags,
         ), shared_mem=shared if first else 0)
-    row_qc = row_qc.transpose(1, 0, 2).reshape(n_rows, -1)[:, :n_qc]
     flag = int(flags.get()[0])  # synchronize!
-    if per_gene and not gene_atomics:
-        col_total = gene_moments(x, count_positive=False).sum[0]  # fixed order, on the host
-    return QCStats(
-        row_total.get(), row_nnz.get(), row_qc.get(), row_top[:, : ns.size].get(),
-        to_host(col_total), col_nnz.get().astype(np.int64),
-        nonfinite=bool(flag & 1), negative=bool(flag & 2),
-    )
-
-
-@cache
-def _any_noninteger():
-    """A cupy reduction: does any value have a fractional part (NaN counts as one)?"""
-    import cupy as cp
-
-    return cp.ReductionKernel("T x", "bool y", "x != trunc(x)", "a || b", "y = a", "false",
-                              "gpusc_any_noninteger")
+    row_qc = row_qc.get().transpose(1, 0, 2).reshape(n_rows, -1)[:, :n_qc]
+    return row_total.get(), row_nnz.get(), row_qc, row_top.get()[:, : ns.size], flag
 
 
 def _ns(ns) -> np.ndarray:
@@ -161,7 +151,15 @@ def _qc_bits(masks: np.ndarray) -> np.ndarray:
     return (masks.astype(np.uint32) * weights).sum(axis=1, dtype=np.uint32)
 
 
-def _stats(row_total, row_nnz, row_qc, row_top, col_total, col_nnz, flags) -> QCStats:
+def _stats(x, row_total, row_nnz, row_qc, row_top, flags, *, per_gene: bool) -> QCStats:
+    """QCStats from the per-cell pass, with the per-gene sums and non-zero counts of the
+    moments family (a second pass over the rows of ``x``) when ``per_gene``."""
+    n_cols = x.shape[1]
+    if per_gene:
+        genes = gene_moments(x, squares=False, count=COUNT_NONZERO)
+        col_total, col_nnz = genes.sum[0], genes.count[0]
+    else:
+        col_total, col_nnz = np.zeros(n_cols), np.zeros(n_cols, np.int64)
     return QCStats(row_total, row_nnz, row_qc, row_top, col_total, col_nnz,
                    nonfinite=bool(flags & 1), negative=bool(flags & 2))
 
@@ -217,19 +215,14 @@ def _top_sums(values, ns, out, buf):
 
 
 @numba.njit(cache=True)
-def _qc_row(values, cols, i, c, qc_masks, ns, row_total, row_nnz, row_qc, row_top,
-            col_total, col_nnz, buf, per_gene):
+def _qc_row(values, cols, i, qc_masks, ns, row_total, row_nnz, row_qc, row_top, buf):
     """Statistics of cell i (its values and their gene indices); returns its flag bits."""
     total, nnz, bad = 0.0, 0, 0
     for j in range(values.size):
         v, col = values[j], cols[j]
         bad |= (0 if np.isfinite(v) else 1) | (2 if v < 0 else 0)
         total += v
-        if v != 0:
-            nnz += 1
-            if per_gene:
-                col_total[c, col] += v
-                col_nnz[c, col] += 1
+        nnz += v != 0
         for q in range(qc_masks.shape[1]):
             if qc_masks[col, q]:
                 row_qc[i, q] += v
@@ -240,18 +233,15 @@ def _qc_row(values, cols, i, c, qc_masks, ns, row_total, row_nnz, row_qc, row_to
 
 
 @numba.njit(parallel=True, cache=True)
-def _qc_host(data, indices, indptr, n_rows, n_cols, qc_masks, ns, per_gene):
+def _qc_host(data, indices, indptr, n_rows, n_cols, qc_masks, ns):
     # CSR when indptr is given; C-ordered dense (data = x.ravel(), indices = all columns)
-    # when indptr is empty.
-    # Chunks of rows run in parallel; each chunk owns one row of the per-gene accumulators.
+    # when indptr is empty. Chunks of rows run in parallel.
     dense = indptr.size == 0
     n_chunks = max(1, min(N_CHUNKS, n_rows))
     row_total = np.zeros(n_rows)
     row_nnz = np.zeros(n_rows, np.int64)
     row_qc = np.zeros((n_rows, qc_masks.shape[1]))
     row_top = np.zeros((n_rows, ns.size))
-    col_total = np.zeros((n_chunks, n_cols))
-    col_nnz = np.zeros((n_chunks, n_cols), np.int64)
     flags = np.zeros(n_chunks, np.int64)
     for c in numba.prange(n_chunks):
         bad = 0
@@ -261,10 +251,9 @@ def _qc_host(data, indices, indptr, n_rows, n_cols, qc_masks, ns, per_gene):
                 values, cols = data[i * n_cols:(i + 1) * n_cols], indices
             else:
                 values, cols = data[indptr[i]:indptr[i + 1]], indices[indptr[i]:indptr[i + 1]]
-            bad |= _qc_row(values, cols, i, c, qc_masks, ns, row_total, row_nnz, row_qc,
-                           row_top, col_total, col_nnz, buf, per_gene)
+            bad |= _qc_row(values, cols, i, qc_masks, ns, row_total, row_nnz, row_qc, row_top, buf)
         flags[c] = bad
     flag = 0
     for f in flags:
         flag |= f
-    return row_total, row_nnz, row_qc, row_top, col_total.sum(axis=0), col_nnz.sum(axis=0), flag
+    return row_total, row_nnz, row_qc, row_top, flag

@@ -1,15 +1,11 @@
-"""``kernels/scale.cu`` and its numba twin: per-gene moments, scaling with clipping, and
-dense outputs (zero-centred scaling, Pearson residuals) written in one pass from sparse input.
-
-Per-gene sums are deterministic on both backends: rows are split into slices, each slice is
-summed by one warp (device) or one thread (host) into its own buffer, and the slices are
-added per gene in a fixed order. No floating-point atomics.
+"""``kernels/scale.cu`` and its numba twin: scaling with clipping, and dense outputs
+(zero-centred scaling, Pearson residuals) written in one pass from sparse input. The per-gene
+moments these need come from :mod:`gpusc._kernels.moments`.
 """
 
 from __future__ import annotations
 
 from functools import singledispatch
-from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -20,17 +16,10 @@ from .._core.arrays import canonical
 
 WARPS_PER_BLOCK = 8
 THREADS = 256
-# Device bytes the per-slice buffers of the CSR/dense moment kernels may take.
-SLICE_BUDGET_BYTES = 1 << 27
-
-FLAG_NONFINITE, FLAG_NEGATIVE, FLAG_NONINTEGER = 1, 2, 4
-
 _V, _I, _O = (np.float32, np.float64), (np.int32, np.int64), (np.float32, np.float64)
 NAME_EXPRESSIONS = (
-    *(cuda.template_name(k, v, i) for k in ("col_moments_csr", "line_moments_csr", "scale_sparse_values")
-      for v in _V for i in _I),
-    *(cuda.template_name(k, v) for k in ("col_moments_dense", "scale_dense") for v in _V),
-    cuda.template_name("sum_slices", np.float64),
+    *(cuda.template_name("scale_sparse_values", v, i) for v in _V for i in _I),
+    *(cuda.template_name("scale_dense", v) for v in _V),
     *(cuda.template_name(k, v, i, o) for k in ("scale_csr_to_dense", "pearson_csr")
       for v in _V for i in _I for o in _O),
     *(cuda.template_name("pearson_dense", v, o) for v in _V for o in _O),
@@ -57,110 +46,6 @@ def _device_mask(row_mask):
 
 def _host_mask(row_mask) -> np.ndarray:
     return np.zeros(0, np.uint8) if row_mask is None else np.asarray(row_mask, np.uint8)
-
-
-class Moments(NamedTuple):
-    """Per-gene float64 sums and sums of squares, and the value flags (FLAG_* bits)."""
-
-    sums: object
-    squares: object
-    flags: int
-
-
-# --- gene_moments: per-gene (column) sums and squares over the rows with row_mask != 0.
-
-
-@singledispatch
-def gene_moments(x, row_mask=None) -> Moments:
-    raise TypeError(f"gene_moments: unsupported array type {type(x)}")
-
-
-@gene_moments.register(types.csr_matrix | types.csr_array)
-def _(x, row_mask=None):
-    n_slices = max(1, min(x.shape[0], 4 * numba.get_num_threads()))
-    s, q, flags = _col_moments_csr_host(x.data, x.indices, x.indptr, x.shape[0], x.shape[1],
-                                        _host_mask(row_mask), n_slices)
-    return Moments(s, q, int(flags))
-
-
-@gene_moments.register(types.csc_matrix | types.csc_array)
-def _(x, row_mask=None):
-    if row_mask is not None:
-        return gene_moments(x.tocsr(), row_mask)
-    s, q, flags = _line_moments_host(x.data, x.indptr)
-    return Moments(s, q, int(flags))
-
-
-@gene_moments.register(np.ndarray)
-def _(x, row_mask=None):
-    n_slices = max(1, min(x.shape[0], 4 * numba.get_num_threads()))
-    s, q, flags = _col_moments_dense_host(x, _host_mask(row_mask), n_slices)
-    return Moments(s, q, int(flags))
-
-
-def _slices(n_rows: int, n_cols: int, rows_min: int, most: int) -> tuple[int, int]:
-    """(rows per slice, number of slices) within SLICE_BUDGET_BYTES of float64 pairs."""
-    budget = max(1, SLICE_BUDGET_BYTES // (16 * max(n_cols, 1)))
-    n_slices = max(1, min(-(-n_rows // rows_min), budget, most))
-    rows_per_slice = -(-n_rows // n_slices)
-    return rows_per_slice, -(-n_rows // rows_per_slice)
-
-
-def _sum_slices(partial, n_slices: int, n_cols: int):
-    import cupy as cp
-
-    sums, squares = cp.empty(n_cols, np.float64), cp.empty(n_cols, np.float64)
-    cuda.launch(_kernel("sum_slices", np.float64), -(-n_cols // THREADS), THREADS,
-                (partial, np.int64(n_slices), np.int64(n_cols), sums, squares))
-    return sums, squares
-
-
-@gene_moments.register(types.CupyCSRMatrix)
-def _(x, row_mask=None):
-    import cupy as cp
-
-    x = canonical(x)
-    n_rows, n_cols = x.shape
-    rows_per_slice, n_slices = _slices(n_rows, n_cols, 16, 1 << 16)
-    partial = cp.zeros(n_slices * 2 * n_cols, np.float64)
-    flags = cp.zeros(1, np.int32)
-    cuda.launch(_kernel("col_moments_csr", x.dtype, x.indices.dtype), _warp_grid(n_slices),
-                32 * WARPS_PER_BLOCK,
-                (x.data, x.indices, x.indptr, np.int64(n_rows), np.int64(n_cols), _device_mask(row_mask),
-                 np.int64(rows_per_slice), np.int64(n_slices), partial, flags))
-    sums, squares = _sum_slices(partial, n_slices, n_cols)
-    return Moments(sums, squares, int(flags.get()[0]))  # synchronize!
-
-
-@gene_moments.register(types.CupyCSCMatrix)
-def _(x, row_mask=None):
-    import cupy as cp
-
-    if row_mask is not None:
-        return gene_moments(x.tocsr(), row_mask)
-    n_cols = x.shape[1]
-    sums, squares = cp.empty(n_cols, np.float64), cp.empty(n_cols, np.float64)
-    flags = cp.zeros(1, np.int32)
-    cuda.launch(_kernel("line_moments_csr", x.dtype, x.indptr.dtype), _warp_grid(n_cols),
-                32 * WARPS_PER_BLOCK, (x.data, x.indptr, np.int64(n_cols), sums, squares, flags))
-    return Moments(sums, squares, int(flags.get()[0]))  # synchronize!
-
-
-@gene_moments.register(types.CupyArray)
-def _(x, row_mask=None):
-    import cupy as cp
-
-    x = cp.ascontiguousarray(x)  # F-ordered input: a C-ordered copy
-    n_rows, n_cols = x.shape
-    rows_per_slice, n_slices = _slices(n_rows, n_cols, 64, 65535)
-    partial = cp.empty(n_slices * 2 * n_cols, np.float64)
-    flags = cp.zeros(1, np.int32)
-    k = _kernel("col_moments_dense", x.dtype)
-    k((-(-n_cols // THREADS), n_slices), (THREADS,),
-      (x, np.int64(n_rows), np.int64(n_cols), _device_mask(row_mask), np.int64(rows_per_slice),
-       partial, flags))
-    sums, squares = _sum_slices(partial, n_slices, n_cols)
-    return Moments(sums, squares, int(flags.get()[0]))  # synchronize!
 
 
 # --- scale_dense_inplace: x = clip((x - mean) / std, lo, hi) per column; mean None: no centering.
@@ -310,98 +195,12 @@ def _(x, cell_sums, gene_sums, total, theta, clip, out_dtype):
 
 
 @numba.njit(cache=True, inline="always")
-def _count_flags(v):
-    if not np.isfinite(v):
-        return FLAG_NONFINITE
-    f = 0
-    if np.signbit(v):
-        f |= FLAG_NEGATIVE
-    if v != np.floor(v):
-        f |= FLAG_NONINTEGER
-    return f
-
-
-@numba.njit(cache=True, inline="always")
 def _clamp(v, lo, hi):
     if v > hi:
         return hi
     if v < lo:
         return lo
     return v
-
-
-@numba.njit(parallel=True, cache=True)
-def _col_moments_csr_host(data, indices, indptr, n_rows, n_cols, row_mask, n_slices):
-    partial = np.zeros((n_slices, 2, n_cols))
-    bad = np.zeros(n_slices, np.int32)
-    masked = row_mask.size > 0
-    for k in numba.prange(n_slices):
-        f = 0
-        for r in range(k * n_rows // n_slices, (k + 1) * n_rows // n_slices):
-            if masked and not row_mask[r]:
-                continue
-            for j in range(indptr[r], indptr[r + 1]):
-                v = data[j]
-                f |= _count_flags(v)
-                d = np.float64(v)
-                partial[k, 0, indices[j]] += d
-                partial[k, 1, indices[j]] += d * d
-        bad[k] = f
-    return _add_slices(partial, bad)
-
-
-@numba.njit(parallel=True, cache=True)
-def _col_moments_dense_host(x, row_mask, n_slices):
-    n_rows, n_cols = x.shape
-    partial = np.zeros((n_slices, 2, n_cols))
-    bad = np.zeros(n_slices, np.int32)
-    masked = row_mask.size > 0
-    for k in numba.prange(n_slices):
-        f = 0
-        for r in range(k * n_rows // n_slices, (k + 1) * n_rows // n_slices):
-            if masked and not row_mask[r]:
-                continue
-            for c in range(n_cols):
-                v = x[r, c]
-                f |= _count_flags(v)
-                d = np.float64(v)
-                partial[k, 0, c] += d
-                partial[k, 1, c] += d * d
-        bad[k] = f
-    return _add_slices(partial, bad)
-
-
-@numba.njit(cache=True)
-def _add_slices(partial, bad):
-    n_cols = partial.shape[2]
-    sums, squares = np.zeros(n_cols), np.zeros(n_cols)
-    f = 0
-    for k in range(partial.shape[0]):  # slice order: deterministic
-        f |= bad[k]
-        for c in range(n_cols):
-            sums[c] += partial[k, 0, c]
-            squares[c] += partial[k, 1, c]
-    return sums, squares, f
-
-
-@numba.njit(parallel=True, cache=True)
-def _line_moments_host(data, indptr):
-    n_lines = indptr.size - 1
-    sums, squares = np.zeros(n_lines), np.zeros(n_lines)
-    bad = np.zeros(n_lines, np.int32)
-    for i in numba.prange(n_lines):
-        s, q, f = 0.0, 0.0, 0
-        for j in range(indptr[i], indptr[i + 1]):
-            v = data[j]
-            f |= _count_flags(v)
-            d = np.float64(v)
-            s += d
-            q += d * d
-        sums[i], squares[i], bad[i] = s, q, f
-    f = 0
-    for i in range(n_lines):
-        f |= bad[i]
-    return sums, squares, f
 
 
 @numba.njit(parallel=True, cache=True)

@@ -4,7 +4,7 @@ pearson_residuals (``_hvg_pearson``) and poisson_gene_selection (``_hvg_poisson`
 own modules; this one only dispatches to them.
 
 The per-gene statistics (sums, sums of squares, expressed cells; per batch) come from one
-pass of ``_kernels.hvg.gene_moments`` over the matrix where it lives. Everything after that
+pass of ``_kernels.moments.gene_moments`` over the matrix where it lives. Everything after that
 works on one point per gene on the host: binning, normalised dispersions, the loess fit
 (scikit-misc, as scanpy), ranks and the selection.
 """
@@ -18,9 +18,11 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._core.adata import actualize_view, check_not_empty, get_matrix, nonfinite_error
+from .._core.adata import check_not_empty, get_matrix, nonfinite_error
 from .._core.arrays import placement
-from .._kernels.hvg import HVG_CLIP, HVG_EXPM1, HVG_IDENTITY, Moments, gene_moments
+from .._core.compat import old_positionals, warn
+from .._kernels.moments import (COUNT_NONE, COUNT_POSITIVE, MODE_CLIP, MODE_EXPM1, MODE_IDENTITY,
+                                Moments, gene_moments)
 from ._hvg_pearson import highly_variable_genes_pearson_residuals
 from ._hvg_poisson import poisson_gene_selection
 
@@ -29,6 +31,8 @@ _CUTOFF_DEFAULTS = {"min_disp": 0.5, "max_disp": np.inf, "min_mean": 0.0125, "ma
 _MAD_SCALE = 0.6744897501960817  # the normal distribution's 3/4 quantile (statsmodels' mad)
 
 
+@old_positionals("layer", "n_top_genes", "min_disp", "max_disp", "min_mean", "max_mean", "span",
+                 "n_bins", "flavor", "subset", "inplace", "batch_key", "check_values")
 def highly_variable_genes(
     adata: AnnData,
     *,
@@ -54,10 +58,13 @@ def highly_variable_genes(
     matrix (CUDA kernel for cupy arrays, numba for host arrays) gives every per-gene and
     per-batch statistic, with or without ``batch_key``; seurat_v3 reads the matrix twice (the
     clipped second moment needs the loess fit of the first). The seurat flavor's expm1 is
-    applied on the fly: the matrix is neither copied nor changed. Device peak: CSR input is
-    read through one CSC copy (2x the matrix; with ``batch_key``, a row-permuted CSR copy
-    as well, about 3x); dense input needs ``(n_obs / ~128 chunks) x n_vars`` partials only.
-    Ties in the selection are resolved by gene order (stable sorts), as pandas does.
+    applied on the fly: the matrix is neither copied nor changed. The pass reads rows in
+    slices and adds them in a fixed order (:mod:`gpusc._kernels.moments`: deterministic, no
+    transpose, no atomics). Device peak beyond the matrix: the slices' float64 partial sums,
+    at most 256 MiB plus one slice (``3 x n_vars`` doubles) per batch, and 8 bytes per cell;
+    CSC input with ``batch_key`` is read through one CSR copy.
+    Ties in the selection are resolved by gene order (stable sorts), as pandas does. The
+    formerly positional arguments still work, with scanpy's FutureWarning.
 
     ``flavor="pearson_residuals"`` is :func:`scanpy.experimental.pp.highly_variable_genes`
     with its defaults ``theta=100, clip=None`` (scanpy 1.12's ``sc.pp.highly_variable_genes``
@@ -68,9 +75,8 @@ def highly_variable_genes(
     ``n_top_genes`` and their median rank there. The residual matrix is never built: one
     kernel pass gives each (batch, gene)'s residual sum and sum of squares in float64, the
     implicit zeros of sparse counts included analytically (``n_obs x n_vars`` arithmetic,
-    no densified copy). Device peak: dense input needs ``128 x n_vars`` float64 partials;
-    sparse input a CSC copy (with ``batch_key``, a row-permuted CSR copy as well, about 3x
-    the matrix) plus those partials.
+    no densified copy). Device peak beyond the matrix: as the moments pass above (CSC input
+    is read through one CSR copy).
 
     ``flavor="poisson_gene_selection"`` is not in scanpy: it is scvi-tools'
     :func:`scvi.data.poisson_gene_selection` (also a flavor of rapids-singlecell) with the
@@ -86,8 +92,7 @@ def highly_variable_genes(
     top ``n_top_genes``, then the highest median rank. The expected zeros are summed in float64
     over each batch's distinct cell totals (counts share totals: a few thousand per batch),
     never over the ``n_obs x n_vars`` outer product; on the device one CUDA thread per (batch,
-    gene). Device peak: as the other count flavors' moments pass (CSR input is read through a
-    CSC copy, with ``batch_key`` a row-permuted CSR copy as well: about 3x the matrix).
+    gene). Device peak: as the other flavors' moments pass.
 
     Parameters
     ----------
@@ -123,13 +128,16 @@ def highly_variable_genes(
         ``batch_key``).
     check_values
         seurat_v3, pearson_residuals: warn (UserWarning, as scanpy) when the values are not
-        integers (pearson_residuals: or negative). poisson_gene_selection: raise a ValueError
+        integers (negative values raise). poisson_gene_selection: raise a ValueError
         for non-integer values, as scvi-tools does; ``False`` uses the values as they are.
 
     Returns
     -------
     A DataFrame with scanpy's columns when ``inplace=False``; else writes ``adata.uns['hvg']``
-    (``{'flavor': flavor}``) and these ``adata.var`` columns:
+    (``{'flavor': flavor}``) and these ``adata.var`` columns (a view becomes actual on the
+    first write, with anndata's warning, as in scanpy; with ``batch_key``, seurat and
+    cell_ranger turn string columns of ``obs``/``var`` into categoricals, as scanpy's
+    sanitize_anndata does, whatever ``inplace``):
 
     seurat, cell_ranger
         ``highly_variable`` (bool), ``means`` (float64), ``dispersions`` (float64),
@@ -162,13 +170,17 @@ def highly_variable_genes(
     ValueError
         Not an AnnData, an unknown flavor, NaN/inf in the matrix, negative values for
         seurat_v3 (scanpy only warns), missing values in the batch column, an empty matrix;
-        pearson_residuals without ``n_top_genes``, ``theta <= 0`` or ``clip < 0``;
+        seurat_v3 when scikit-misc's loess cannot fit a batch's genes (scanpy raises the same
+        error: too few genes with a non-zero variance, e.g. almost empty data);
+        pearson_residuals without ``n_top_genes``, ``theta <= 0``, ``clip < 0`` or negative
+        counts;
         poisson_gene_selection with negative values, non-integer values (``check_values``),
         a batch without counts, or ``n_top_genes`` not a positive integer.
     """
     func = "highly_variable_genes"
     if not isinstance(adata, AnnData):
-        raise ValueError(f"{func} expects an AnnData argument; pass inplace=False to get a DataFrame")
+        raise ValueError("`pp.highly_variable_genes` expects an `AnnData` argument, "
+                         "pass `inplace=False` if you want to return a `pd.DataFrame`.")
     if flavor == "pearson_residuals":
         # scanpy's experimental defaults (theta=100, clip=None); the full signature is
         # highly_variable_genes_pearson_residuals
@@ -181,7 +193,8 @@ def highly_variable_genes(
                                       check_values=check_values)
     if flavor not in FLAVORS:
         raise ValueError(f"{func}: flavor={flavor!r} is not one of "
-                         f"{(*FLAVORS, 'pearson_residuals', 'poisson_gene_selection')}")
+                         f"{(*FLAVORS, 'pearson_residuals', 'poisson_gene_selection')} "
+                         '(scanpy: `flavor` needs to be "seurat" or "cell_ranger")')
     x = get_matrix(adata, layer=layer, func=func)
     placement(x)  # a TypeError for unsupported array types
     check_not_empty(x, func)
@@ -197,7 +210,7 @@ def highly_variable_genes(
             if batch_key is None:
                 df = df.drop(columns="highly_variable_nbatches")
             return df.iloc[df["highly_variable"].to_numpy()] if subset else df
-        actualize_view(adata)
+        # a view: the first write lets anndata make it actual, with its warning, as in scanpy
         adata.uns["hvg"] = {"flavor": flavor}
         for key in ("highly_variable", "highly_variable_rank", "means", "variances"):
             adata.var[key] = df[key].to_numpy()
@@ -211,13 +224,16 @@ def highly_variable_genes(
     cutoff = _cutoff(n_top_genes, min_disp=min_disp, max_disp=max_disp, min_mean=min_mean,
                      max_mean=max_mean)
     if batch_key is not None and filter_unexpressed_genes is False:
-        warnings.warn(f"filter_unexpressed_genes is set to False, but will ignored for "
-                      f"batch-aware flavor={flavor!r} HVG computation", UserWarning, stacklevel=2)
+        warn(f"filter_unexpressed_genes is set to False, but will ignored for "
+             f"batch-aware flavor={flavor!r} HVG computation", UserWarning)
+    if batch_key is not None:
+        adata.strings_to_categoricals()  # scanpy's sanitize_anndata, with inplace=False too
     base = adata.uns.get("log1p", {}).get("base")
     moments = _moments(x, codes, n_batches, func=func, layer=layer,
-                       mode=HVG_EXPM1 if flavor == "seurat" else HVG_IDENTITY,
+                       mode=MODE_EXPM1 if flavor == "seurat" else MODE_IDENTITY,
                        scale=1.0 if base is None or flavor != "seurat" else float(np.log(base)),
-                       count_positive=batch_key is not None or bool(filter_unexpressed_genes))
+                       count=COUNT_POSITIVE if batch_key is not None or filter_unexpressed_genes
+                       else COUNT_NONE)
     counts = np.bincount(codes, minlength=n_batches)
     if batch_key is None:
         df = _dispersion_batch(moments, 0, counts[0], flavor=flavor, n_bins=n_bins,
@@ -228,8 +244,7 @@ def highly_variable_genes(
                                  n_bins=n_bins, cutoff=cutoff)
     if not inplace:
         return df.loc[df["highly_variable"]] if subset else df
-    actualize_view(adata)
-    adata.uns["hvg"] = {"flavor": flavor}
+    adata.uns["hvg"] = {"flavor": flavor}  # a view becomes actual here, with anndata's warning
     adata.var["highly_variable"] = df["highly_variable"]
     adata.var["means"] = df["means"]
     adata.var["dispersions"] = df["dispersions"]
@@ -280,8 +295,7 @@ def _cutoff(n_top_genes, **cutoffs) -> dict | int:
     if n_top_genes is None:
         return cutoffs
     if cutoffs != _CUTOFF_DEFAULTS:
-        warnings.warn("If you pass `n_top_genes`, all cutoffs are ignored.", UserWarning,
-                      stacklevel=3)
+        warn("If you pass `n_top_genes`, all cutoffs are ignored.", UserWarning)
     return n_top_genes
 
 
@@ -294,7 +308,7 @@ def _dispersion_batch(moments: Moments, b: int, n_cells: int, *, flavor, n_bins,
                       filter_unexpressed: bool) -> pd.DataFrame:
     """scanpy's single-batch dispersion table for batch ``b`` (genes in moments' order)."""
     n_vars = moments.sum.shape[1]
-    keep = moments.n_pos[b] > 0 if filter_unexpressed else np.ones(n_vars, bool)
+    keep = moments.count[b] > 0 if filter_unexpressed else np.ones(n_vars, bool)
     mean, var = _mean_var(moments.sum[b, keep], moments.sum_sq[b, keep], n_cells)
     mean[mean == 0] = 1e-12
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -306,7 +320,8 @@ def _dispersion_batch(moments: Moments, b: int, n_cells: int, *, flavor, n_bins,
     df = pd.DataFrame({"means": mean, "dispersions": dispersion})
     df["mean_bin"] = _mean_bins(df["means"], flavor, n_bins)
     avg, dev = _bin_stats(df, flavor)
-    df["dispersions_norm"] = (df["dispersions"].to_numpy() - avg) / dev
+    with np.errstate(divide="ignore", invalid="ignore"):  # a bin's zero MAD: NaN/inf, silent as pandas
+        df["dispersions_norm"] = (df["dispersions"].to_numpy() - avg) / dev
     df["highly_variable"] = _select(mean, df["dispersions_norm"].to_numpy(), cutoff)
     if keep.all():
         return df
@@ -358,8 +373,8 @@ def _select(mean: np.ndarray, disp_norm: np.ndarray, cutoff: dict | int) -> np.n
     n = min(cutoff, disp_norm.size)
     valid = disp_norm[~np.isnan(disp_norm)]
     if n > valid.size:
-        warnings.warn(f"`n_top_genes` (={n}) > number of normalized dispersions (={valid.size}), "
-                      "returning all genes with normalized dispersions.", UserWarning, stacklevel=4)
+        warn(f"`n_top_genes` (={n}) > number of normalized dispersions (={valid.size}), "
+             "returning all genes with normalized dispersions.", UserWarning)
         n = valid.size
     threshold = np.sort(valid)[::-1][n - 1]
     return np.nan_to_num(disp_norm, nan=-np.inf) >= threshold
@@ -404,14 +419,13 @@ def _seurat_v3(x, var_names, codes, n_batches, *, flavor, n_top_genes, span, che
     except ImportError as e:
         e.add_note("Please install `scikit-misc` and try again.")
         raise
-    first = _moments(x, codes, n_batches, func=func, layer=layer, mode=HVG_IDENTITY,
+    first = _moments(x, codes, n_batches, func=func, layer=layer, mode=MODE_IDENTITY,
                      check_integer=check_values)
     if first.negative:
         raise ValueError(f"{func}: flavor={flavor!r} expects raw counts, but the matrix has "
                          "negative values; pass layer= with the counts")
     if check_values and first.noninteger:
-        warnings.warn(f"`flavor={flavor!r}` expects raw count data, but non-integers were found.",
-                      UserWarning, stacklevel=3)
+        warn(f"`flavor={flavor!r}` expects raw count data, but non-integers were found.", UserWarning)
     counts = np.bincount(codes, minlength=n_batches)
     means, variances = _mean_var(first.sum.sum(axis=0), first.sum_sq.sum(axis=0), codes.size)
 
@@ -424,11 +438,19 @@ def _seurat_v3(x, var_names, codes, n_batches, *, flavor, n_top_genes, span, che
         not_const = var > 0
         if not_const.any():
             model = loess(np.log10(mean[not_const]), np.log10(var[not_const]), span=span, degree=2)
-            model.fit()
+            try:
+                model.fit()
+            except ValueError as err:  # scanpy raises skmisc's error as it is
+                raise ValueError(
+                    f"{func}: flavor={flavor!r}: scikit-misc's loess could not fit the variance of "
+                    f"the {int(not_const.sum())} genes with non-zero variance"
+                    f"{f' in batch {b}' if n_batches > 1 else ''} (span={span}): {err}; scanpy "
+                    "fails here too. Use more cells or genes, a larger span, or another flavor"
+                ) from err
             fitted[not_const] = model.outputs.fitted_values
         batch_means[b], reg_std[b] = mean, np.sqrt(10**fitted)
         clip[b] = reg_std[b] * np.sqrt(counts[b]) + mean  # clip large values as in Seurat
-    second = gene_moments(x, codes, n_batches, mode=HVG_CLIP, clip=clip)
+    second = gene_moments(x, codes, n_batches, mode=MODE_CLIP, clip=clip)
 
     n = counts[:, None].astype(np.float64)
     norm_var = (1 / ((n - 1) * np.square(reg_std))) * (

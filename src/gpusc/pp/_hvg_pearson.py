@@ -1,25 +1,25 @@
 """highly_variable_genes(flavor="pearson_residuals"), as scanpy.experimental.pp.highly_variable_genes.
 
 Genes are ranked by the variance (over a batch's cells) of their clipped analytic Pearson
-residuals. The residual matrix is never built: ``_kernels.hvg.gene_moments`` gives the
+residuals. The residual matrix is never built: ``_kernels.moments.gene_moments`` gives the
 per-batch gene totals (and means, variances, value checks) in one pass, and
-``_kernels.hvg.pearson_residual_sums`` gives each (batch, gene)'s sum of residuals and of
+``_kernels.moments.pearson_residual_sums`` gives each (batch, gene)'s sum of residuals and of
 squared residuals in float64 (implicit zeros of sparse input included analytically). Ranks,
 median ranks across batches and the selection are computed on the host as scanpy does.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._core.adata import actualize_view, check_not_empty, get_matrix, nonfinite_error
-from .._core.arrays import placement
-from .._kernels.hvg import gene_moments, pearson_residual_sums
+from .._core.adata import check_not_empty, get_matrix, nonfinite_error
+from .._core.arrays import is_sparse, placement
+from .._core.compat import view_to_actual, warn
+from .._kernels.moments import gene_moments, pearson_residual_sums
 
 _FUNC = "highly_variable_genes"
 
@@ -52,9 +52,10 @@ def highly_variable_genes_pearson_residuals(
     The dense residual matrix is never built: one pass over the counts (CUDA kernel for cupy
     arrays, numba for host arrays) gives every (batch, gene)'s sum of residuals and of
     squared residuals in float64; the implicit zeros of sparse counts are added analytically
-    (``n_obs x n_vars`` arithmetic, no matrix read). Device peak: dense counts need
-    ``128 x n_vars`` float64 partials (x2); sparse counts also a CSC copy (with
-    ``batch_key``, a row-permuted CSR copy as well: about 3x the matrix). Ranks ties are
+    (``n_obs x n_vars`` arithmetic, no matrix read). Rows are read in slices and added in a
+    fixed order (:mod:`gpusc._kernels.moments`). Device peak beyond the matrix: float64
+    partial sums of at most 256 MiB plus one slice (``3 x n_vars`` doubles) per batch, 8 bytes
+    per cell; CSC counts are read through one CSR copy. Ranks ties are
     broken as scanpy's (``np.argsort`` on the same values, pandas' sort).
 
     Parameters
@@ -77,8 +78,8 @@ def highly_variable_genes_pearson_residuals(
     flavor
         Only ``"pearson_residuals"``.
     check_values
-        Warn (UserWarning, as scanpy) when the counts hold negative or non-integer values.
-        NaN/inf always raise a ValueError.
+        Warn (UserWarning, as scanpy) when the counts hold non-integer values. NaN/inf and
+        negative values always raise a ValueError.
     layer
         Use ``adata.layers[layer]`` instead of X.
     subset
@@ -102,8 +103,9 @@ def highly_variable_genes_pearson_residuals(
         A missing layer or ``batch_key``.
     ValueError
         Not an AnnData, another flavor, no ``n_top_genes``, ``theta <= 0``, ``clip < 0``,
-        NaN/inf in the counts, missing values in the batch column, an empty matrix.
-        Nothing in ``adata`` is changed before these are raised.
+        NaN/inf or negative values in the counts (scanpy warns, then ranks NaN variances),
+        missing values in the batch column, an empty matrix. Nothing in ``adata`` is changed
+        before these are raised.
     """
     if not isinstance(adata, AnnData):
         raise ValueError("`pp.highly_variable_genes` expects an `AnnData` argument, pass "
@@ -133,9 +135,15 @@ def highly_variable_genes_pearson_residuals(
     computed_on = layer if layer else "adata.X"
     if moments.nonfinite:
         raise nonfinite_error(_FUNC, f"layer {layer!r}" if layer else "adata.X")
+    if moments.negative and _has_negative(x):
+        # scanpy only warns and then ranks genes by NaN residual variances
+        raise ValueError(f"{_FUNC}: `flavor='pearson_residuals'` expects raw count data, but "
+                         "the matrix has negative values, for which the Pearson residuals are "
+                         "undefined; pass layer= with the raw counts")
     if check_values and (moments.negative or moments.noninteger):
-        warnings.warn("`flavor='pearson_residuals'` expects raw count data, but non-integers "
-                      "were found.", UserWarning, stacklevel=3)
+        warn("`flavor='pearson_residuals'` expects raw count data, but non-integers were found.",
+             UserWarning)
+    view_to_actual(adata)  # scanpy's UserWarning, with inplace=False too (before any change above)
 
     res_sum, res_sum_sq = pearson_residual_sums(x, codes, n_batches, moments.sum,
                                                 theta=float(theta), clip=float(clip_value))
@@ -175,7 +183,6 @@ def highly_variable_genes_pearson_residuals(
         if batch_key is None:
             df = df.drop(columns=["highly_variable_nbatches", "highly_variable_intersection"])
         return df.iloc[df["highly_variable"].to_numpy()] if subset else df
-    actualize_view(adata)
     adata.uns["hvg"] = {"flavor": "pearson_residuals", "computed_on": computed_on}
     keys = ["means", "variances", "residual_variances", "highly_variable_rank"]
     if batch_key is not None:
@@ -185,6 +192,12 @@ def highly_variable_genes_pearson_residuals(
     if subset:
         adata._inplace_subset_var(df["highly_variable"].to_numpy())
     return None
+
+
+def _has_negative(x) -> bool:
+    """A value below 0 (the kernels' flag also counts -0.0, which is a count of 0)."""
+    values = x.data if is_sparse(x) else x
+    return values.size > 0 and bool(values.min() < 0)  # synchronize!
 
 
 def _batches(adata: AnnData, batch_key: str | None) -> tuple[np.ndarray, np.ndarray]:

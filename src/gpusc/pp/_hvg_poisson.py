@@ -5,7 +5,7 @@ with each cell's library size predicts (M3Drop's idea), per batch, and merged ac
 as :func:`scvi.data.poisson_gene_selection` does. scvi estimates ``P(observed zero > expected
 zero)`` from 10,000 Bernoulli draws; here it is the exact value, so the result is deterministic.
 
-``_kernels.hvg.gene_moments`` gives each (batch, gene)'s count sum and expressed cells in one
+``_kernels.moments.gene_moments`` gives each (batch, gene)'s count sum and expressed cells in one
 pass over the matrix; ``_kernels.hvg.poisson_expected_zeros`` gives the expected fraction of
 zeros from each batch's distinct cell totals (never the cells x genes outer product). Ranks,
 medians across batches and the selection are computed on the host.
@@ -21,7 +21,8 @@ from anndata import AnnData
 
 from .._core.adata import actualize_view, check_not_empty, get_matrix, nonfinite_error
 from .._core.arrays import canonical, is_csc, is_sparse, placement, to_host, xp_of
-from .._kernels.hvg import gene_moments, poisson_expected_zeros
+from .._kernels.hvg import poisson_expected_zeros
+from .._kernels.moments import COUNT_POSITIVE, gene_moments
 from .._kernels.normalize import row_sums
 from ._hvg_pearson import _batches
 
@@ -52,9 +53,8 @@ def poisson_gene_selection(
     if x.dtype.kind != "f":
         x = x.astype(np.float32)  # the kernels take float32/float64; counts fit exactly below 2^24
     if is_sparse(x):
-        x = canonical(x)  # n_pos counts cells: a (cell, gene) stored twice must count once
-
-    moments = gene_moments(x, codes, n_batches, check_integer=check_values)
+        x = canonical(x)  # one copy if needed; scipy's CSC row sums would sum x's duplicates in place
+    moments = gene_moments(x, codes, n_batches, count=COUNT_POSITIVE, check_integer=check_values)
     where = f"layer {layer!r}" if layer else "adata.X"
     if moments.nonfinite:
         raise nonfinite_error(_FUNC, where)
@@ -79,7 +79,7 @@ def poisson_gene_selection(
     expected = poisson_expected_zeros(xp_of(x).asarray(scaled_means), totals, weights,
                                       batch_start)
     n_cells = np.bincount(codes, minlength=n_batches)[:, None]
-    observed = 1.0 - moments.n_pos / n_cells
+    observed = 1.0 - moments.count / n_cells
     # P(Bernoulli(observed) > Bernoulli(expected)) for independent draws, which scvi's
     # n_samples draws estimate
     prob = observed * (1.0 - expected)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .._core.adata import actualize_view, check_not_empty, get_matrix, nonfinite_error, set_matrix
-from .._core.arrays import is_csc, is_sparse, placement, to_host, xp_of
+from .._core.adata import check_not_empty, get_matrix, nonfinite_error, set_matrix
+from .._core.arrays import is_csc, is_sparse, placement, xp_of
+from .._core.compat import view_to_actual, warn
+from .._kernels.moments import gene_moments
 from .._kernels.normalize import row_sums
-from .._kernels.scale import FLAG_NEGATIVE, FLAG_NONFINITE, FLAG_NONINTEGER, gene_moments, pearson_residuals
+from .._kernels.scale import pearson_residuals
 
 _FUNC = "normalize_pearson_residuals"
 
@@ -85,24 +85,24 @@ def normalize_pearson_residuals(
     # scanpy computes in the input's precision and clips against `clip`: numpy's promotion
     # of those two gives the output dtype (float32 stays float32 only for a weak Python clip)
     out_dtype = np.result_type(np.zeros(0, x.dtype), clip_value)
-    moments = gene_moments(x)
-    if moments.flags & FLAG_NONFINITE:
+    moments = gene_moments(x, check_integer=check_values)
+    if moments.nonfinite:
         raise nonfinite_error(_FUNC, f"layer {layer!r}" if layer else (f"obsm {obsm!r}" if obsm else "adata.X"))
-    if check_values and moments.flags & (FLAG_NEGATIVE | FLAG_NONINTEGER):
-        warnings.warn("`normalize_pearson_residuals()` expects raw count data, but non-integers were found.",
-                      UserWarning, stacklevel=2)
+    if check_values and (moments.negative or moments.noninteger):
+        warn("`normalize_pearson_residuals()` expects raw count data, but non-integers were found.",
+             UserWarning)
     cell_sums, _ = row_sums(x)
-    gene_sums = moments.sums
-    total = float(to_host(gene_sums).sum())  # synchronize!
+    gene_sums = moments.sum[0]
+    total = float(gene_sums.sum())
     residuals = pearson_residuals(x, cell_sums, gene_sums, total, float(theta), float(clip_value), out_dtype)
 
     settings = dict(theta=theta, clip=clip, computed_on=computed_on)
+    if copy:
+        adata = adata.copy()
+    view_to_actual(adata)  # scanpy's UserWarning, with inplace=False too
     if not inplace:
         logg.info("    finished ({time_passed})", time=start)
         return dict(X=residuals, **settings)
-    if copy:
-        adata = adata.copy()
-    actualize_view(adata)
     set_matrix(adata, residuals, layer=layer, obsm=obsm)
     adata.uns["pearson_residuals_normalization"] = settings
     logg.info("    finished ({time_passed})", time=start)

@@ -10,7 +10,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._core.adata import check_not_empty, device_oom_hint, get_matrix, nonfinite_error
-from .._core.arrays import float_dtype, is_sparse, placement
+from .._core.arrays import is_sparse, placement
 from .._kernels.qc import qc_stats
 
 
@@ -30,11 +30,14 @@ def calculate_qc_metrics(
 ) -> tuple[pd.DataFrame, pd.DataFrame] | None:
     """Calculate quality control metrics, as :func:`scanpy.pp.calculate_qc_metrics`.
 
-    One pass over the matrix computes every per-cell and per-gene statistic (a CUDA
-    kernel for device arrays, a numba kernel for host arrays). Explicitly stored zeros
-    are not counted as expressed genes (scanpy removes them first; we leave the matrix
-    untouched). CSC input is read through one CSR copy (peak: 2x the matrix), and so is
-    sparse input with duplicate entries (summed first, as a dense view of it would be).
+    One pass over the rows computes every per-cell statistic (a CUDA kernel for device
+    arrays, one block per cell; a numba kernel for host arrays), a second one the per-gene
+    columns (the moments family: rows in slices, a fixed order of additions, no atomics, so
+    the result is the same run to run). Explicitly stored zeros are not counted as expressed
+    genes (scanpy removes them first; we leave the matrix untouched). CSC input is read
+    through one CSR copy (peak: 2x the matrix), and so is sparse input with duplicate entries
+    (summed first, as a dense view of it would be). Device peak beyond that: 8 doubles per
+    cell and float64 per-gene partial sums of at most 256 MiB (``gpusc._kernels.moments``).
 
     Parameters
     ----------
@@ -58,17 +61,19 @@ def calculate_qc_metrics(
     Returns
     -------
     ``(obs_metrics, var_metrics)`` when ``inplace=False``; else writes them into ``adata``.
-    With ``T`` the matrix's float dtype and ``I`` its index dtype (int64 for dense):
+    The dtypes are scanpy's: with ``I`` the matrix's index dtype (int64 for dense), ``S`` the
+    dtype numpy sums it in (float X: its dtype; integer or bool X: int64, uint64 for unsigned)
+    and ``F`` its float dtype for means (float X: its dtype; integer or bool X: float64):
 
     obs
         ``n_{var_type}_by_{expr_type}`` (I), ``log1p_n_{var_type}_by_{expr_type}`` (float64),
-        ``total_{expr_type}`` (T), ``log1p_total_{expr_type}`` (T),
+        ``total_{expr_type}`` (S), ``log1p_total_{expr_type}`` (F),
         ``pct_{expr_type}_in_top_{n}_{var_type}`` (float64), and per qc_var ``q``:
-        ``total_{expr_type}_{q}``, ``log1p_total_{expr_type}_{q}``, ``pct_{expr_type}_{q}`` (T).
+        ``total_{expr_type}_{q}`` (S), ``log1p_total_{expr_type}_{q}``, ``pct_{expr_type}_{q}`` (F).
     var
-        ``n_cells_by_{expr_type}`` (int64), ``mean_{expr_type}`` (T), ``log1p_mean_{expr_type}``
-        (T), ``pct_dropout_by_{expr_type}`` (float64), ``total_{expr_type}`` (T),
-        ``log1p_total_{expr_type}`` (T).
+        ``n_cells_by_{expr_type}`` (int64), ``mean_{expr_type}`` (F), ``log1p_mean_{expr_type}``
+        (F), ``pct_dropout_by_{expr_type}`` (float64), ``total_{expr_type}`` (S),
+        ``log1p_total_{expr_type}`` (F).
 
     Raises
     ------
@@ -102,7 +107,7 @@ def calculate_qc_metrics(
         masks[:, i] = column
     ns = sorted(percent_top) if percent_top else []
     if ns and not (max(ns) <= n_vars and min(ns) > 0):
-        raise IndexError(f"{func}: percent_top positions outside range of features (1..{n_vars}): {ns}")
+        raise IndexError(f"{func}: Positions outside range of features. (percent_top={ns}, n_vars={n_vars})")
 
     stats = qc_stats(x, masks, np.asarray(ns, dtype=np.int64))
     if stats.nonfinite:
@@ -111,7 +116,10 @@ def calculate_qc_metrics(
         raise ValueError(f"{func}: the matrix has negative values; QC metrics expect counts "
                          "(pass layer= with raw counts)")
 
-    dtype = float_dtype(x.dtype)
+    # scanpy's dtypes: totals as numpy sums X (integers and bool: int64/uint64, exact below
+    # 2**53 from the float64 sums), means of integers in float64
+    dtype = np.zeros(0, x.dtype).sum().dtype
+    mean_dtype = dtype if dtype.kind == "f" else np.dtype(np.float64)
     nnz_dtype = x.indices.dtype if is_sparse(x) else np.dtype(np.int64)
     obs_names = adata.obs_names
     var_names = adata.raw.var_names if use_raw else adata.var_names
@@ -134,7 +142,7 @@ def calculate_qc_metrics(
             obs[f"pct_{expr_type}_{name}"] = qc_total / total * dtype.type(100)
     var_metrics: dict[str, np.ndarray] = {}
     var_metrics[f"n_cells_by_{expr_type}"] = stats.col_nnz
-    mean = (stats.col_total / n_obs).astype(dtype)
+    mean = (stats.col_total / n_obs).astype(mean_dtype)
     var_metrics[f"mean_{expr_type}"] = mean
     if log1p:
         var_metrics[f"log1p_mean_{expr_type}"] = np.log1p(mean)

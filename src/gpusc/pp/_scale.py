@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import warnings
 from functools import singledispatch
 
 import numpy as np
-import pandas as pd
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .._core.adata import actualize_view, check_not_empty, get_matrix, nonfinite_error, set_matrix
-from .._core.arrays import is_csc, is_sparse, placement, to_host, xp_of
-from .._kernels.scale import (FLAG_NONFINITE, gene_moments, scale_csr_to_dense, scale_dense_inplace,
-                              scale_sparse_inplace)
+from .._core.adata import check_not_empty, get_matrix, nonfinite_error, set_matrix
+from .._core.arrays import is_csc, is_sparse, placement, xp_of
+from .._core.compat import (array_only_arguments, backed_error, check_mask, is_backed_type, old_positionals,
+                            renamed_data_arg, view_to_actual, warn)
+from .._kernels.moments import gene_moments
+from .._kernels.scale import scale_csr_to_dense, scale_dense_inplace, scale_sparse_inplace
 
 _FUNC = "scale"
 
@@ -23,29 +23,16 @@ def _check_max_value(max_value) -> None:
         raise ValueError(f"{_FUNC}: max_value={max_value!r} must be a positive number (or None: no clipping)")
 
 
-def _obs_mask(mask, n_obs: int, obs: pd.DataFrame | None) -> np.ndarray | None:
-    """mask_obs as a numpy bool array, checked like scanpy's ``_check_mask``."""
-    if mask is None:
-        return None
-    if isinstance(mask, str):
-        if obs is None:
-            raise ValueError(f"{_FUNC}: mask_obs={mask!r} names an obs column, which needs an AnnData")
-        if mask not in obs.columns:
-            raise ValueError(f"{_FUNC}: did not find adata.obs[{mask!r}]; add the mask to adata.obs "
-                             "or pass a boolean array as mask_obs")
-        mask = obs[mask].to_numpy()
-    else:
-        mask = to_host(mask) if not isinstance(mask, pd.Series) else mask.to_numpy()
-        if len(mask) != n_obs:
-            raise ValueError(f"{_FUNC}: mask_obs has {len(mask)} entries but the data has {n_obs} cells")
-    if not pd.api.types.is_bool_dtype(mask.dtype):
-        raise ValueError(f"{_FUNC}: mask_obs must be boolean, got dtype {mask.dtype}")
-    return np.asarray(mask, bool)
+def _check_cells(x) -> None:
+    # no genes is fine (scanpy scales nothing: a recipe's HVG selection may keep none);
+    # no cells leaves no mean to subtract
+    if x.shape[0] == 0:
+        check_not_empty(x, _FUNC)
 
 
 def _mean_std(moments, n: int):
     """scanpy's mean and std (ddof=1, fast_array_utils' formula), genes with zero std -> 1."""
-    sums, squares = to_host(moments.sums), to_host(moments.squares)  # synchronize!
+    sums, squares = moments.sum[0], moments.sum_sq[0]
     mean = sums / n
     var = squares / n - mean**2
     if n != 1:
@@ -56,8 +43,9 @@ def _mean_std(moments, n: int):
 
 
 def _moments(x, row_mask=None):
-    moments = gene_moments(x, row_mask)
-    if moments.flags & FLAG_NONFINITE:
+    codes = None if row_mask is None else np.where(row_mask, 0, -1).astype(np.int32)
+    moments = gene_moments(x, codes)  # rows outside the mask: code -1, left out
+    if moments.nonfinite:
         raise nonfinite_error(_FUNC, "the data")
     n = x.shape[0] if row_mask is None else int(np.count_nonzero(row_mask))
     return _mean_std(moments, n)
@@ -71,7 +59,7 @@ def _bounds(max_value, zero_center: bool) -> tuple[float, float]:
 
 
 def _densify_warning() -> None:
-    warnings.warn("zero-centering a sparse array/matrix densifies it.", UserWarning, stacklevel=4)
+    warn("zero-centering a sparse array/matrix densifies it.", UserWarning)
 
 
 def _scale_unmasked(x, zero_center: bool, max_value):
@@ -117,6 +105,11 @@ def _scale_array(x, *, zero_center: bool, max_value, mask: np.ndarray | None):
     if x.dtype.kind != "f":
         logg.info("... as scaling leads to float results, integer input is cast to float, returning copy.")
         x = x.astype(np.float64)
+    if x.shape[1] == 0:  # no genes: nothing to scale (scanpy's result, dense when centring)
+        if is_sparse(x) and zero_center:
+            _densify_warning()
+            x = x.toarray().astype(np.float64)
+        return x, np.zeros(0), np.ones(0)
     if is_sparse(x) and not zero_center:
         if mask is None:
             return _scale_unmasked(x, zero_center, max_value)
@@ -136,6 +129,8 @@ def _scale_array(x, *, zero_center: bool, max_value, mask: np.ndarray | None):
     return x, mean, std
 
 
+@renamed_data_arg
+@old_positionals("zero_center", "max_value", "copy", "layer", "obsm")
 @singledispatch
 def scale(
     data,
@@ -161,8 +156,9 @@ def scale(
     ``zero_center=True`` gives a dense float64 matrix written in one pass from the sparse
     values (a UserWarning says it densifies). Integer input becomes float64. With
     ``mask_obs`` only the selected cells are used and changed (sparse input stays sparse).
-    Device memory: the dense output when centring sparse input, plus per-slice float64
-    buffers of at most 128 MiB for the per-gene sums.
+    Device memory: the dense output when centring sparse input, plus the per-gene sums'
+    float64 partials (rows in slices, a fixed order: at most 256 MiB,
+    ``gpusc._kernels.moments``).
 
     Parameters
     ----------
@@ -176,10 +172,16 @@ def scale(
     copy
         Work on (and return) a copy.
     layer, obsm
-        Scale this layer or obsm entry instead of X (AnnData only).
+        Scale this layer or obsm entry instead of X (AnnData only; an array with these
+        raises scanpy's TypeError).
     mask_obs
         Boolean array over cells, or the name of a boolean obs column: derive the scaling
         from these cells and scale only them.
+
+    ``X=`` (scanpy's old name of ``data``) and positional ``zero_center``, ``max_value``,
+    ``copy``, ``layer``, ``obsm`` still work, with scanpy's FutureWarning; a view becomes an
+    actual AnnData with scanpy's UserWarning. A matrix without genes is left as it is (dense
+    float64 when centring sparse input), as scanpy does; one without cells raises.
 
     Returns
     -------
@@ -187,16 +189,17 @@ def scale(
     ``copy=True``; X (or the layer/obsm) becomes the scaled matrix, ``var['mean']`` and
     ``var['std']`` (float64) hold each gene's mean and standard deviation before scaling
     (``'mean of {mask_obs}'``/``'std of {mask_obs}'`` for an obs column mask,
-    ``'mean with mask'``/``'std with mask'`` for an array mask).
+    ``'mean with mask'``/``'std with mask'`` for an array mask). With ``obsm`` these hold the
+    entry's column means and stds, as in scanpy, so the entry must have one column per
+    gene (a ValueError before any change otherwise).
     """
-    if layer is not None:
-        raise ValueError(f"`layer` argument inappropriate for value of type {type(data)}")
-    if obsm is not None:
-        raise ValueError(f"`obsm` argument inappropriate for value of type {type(data)}")
+    array_only_arguments(layer=layer, obsm=obsm)
+    if is_backed_type(data):
+        raise backed_error(data, _FUNC)
     placement(data)
     _check_max_value(max_value)
-    check_not_empty(data, _FUNC)
-    mask = _obs_mask(mask_obs, data.shape[0], None)
+    _check_cells(data)
+    mask = check_mask(None, mask_obs, "obs", data.shape[0], _FUNC, "mask_obs")
     if copy:
         data = data.copy()
     if not zero_center and max_value is not None:
@@ -218,24 +221,33 @@ def _(
     adata = data
     _check_max_value(max_value)
     x = get_matrix(adata, layer=layer, obsm=obsm, func=_FUNC)  # KeyError before any change
+    if is_backed_type(x):
+        raise backed_error(x, _FUNC)
     placement(x)
-    check_not_empty(x, _FUNC)
+    _check_cells(x)
+    if obsm is not None and x.shape[1] != adata.n_vars:
+        # scanpy writes the columns' mean and std into adata.var, which pandas refuses after
+        # the obsm entry was already scaled; here nothing is changed
+        raise ValueError(
+            f"{_FUNC}: obsm {obsm!r} has {x.shape[1]} columns and adata {adata.n_vars} genes; scanpy "
+            f"stores the columns' mean and std in adata.var and fails there (Length of values "
+            f"({x.shape[1]}) does not match length of index ({adata.n_vars})); scale the array "
+            f"itself instead: adata.obsm[{obsm!r}] = scale(adata.obsm[{obsm!r}])")
     keys = ("mean", "std")
     if mask_obs is not None:
         keys = ((f"mean of {mask_obs}", f"std of {mask_obs}") if isinstance(mask_obs, str)
                 else ("mean with mask", "std with mask"))
-    mask = _obs_mask(mask_obs, adata.n_obs, adata.obs)
+    mask = check_mask(adata, mask_obs, "obs", adata.n_obs, _FUNC, "mask_obs")
     if not zero_center and max_value is not None:
         logg.info("... be careful when using `max_value` without `zero_center`.")
     # in-place work on the matrix starts only after the moments pass, which rejects NaN/inf
     if copy:
         adata = adata.copy()
-    actualize_view(adata)
+    view_to_actual(adata)  # scanpy's UserWarning "Received a view of an AnnData. Making a copy."
     x = get_matrix(adata, layer=layer, obsm=obsm, func=_FUNC)
     x, mean, std = _scale_array(x, zero_center=zero_center, max_value=max_value, mask=mask)
     set_matrix(adata, x, layer=layer, obsm=obsm)
-    if obsm is None:
-        adata.var[keys[0]] = mean
-        adata.var[keys[1]] = std
+    adata.var[keys[0]] = mean  # with obsm too, as scanpy
+    adata.var[keys[1]] = std
     return adata if copy else None
 

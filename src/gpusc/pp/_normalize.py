@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .._core.adata import (actualize_view, check_not_empty, device_oom_hint, ensure_float, get_matrix,
-                           nonfinite_error, set_matrix)
+from .._core.adata import (check_not_empty, device_oom_hint, ensure_float, get_matrix, nonfinite_error,
+                           set_matrix)
 from .._core.arrays import is_csc, is_sparse, placement, to_host, xp_of
+from .._core.compat import old_positionals, view_to_actual, warn
 from .._kernels.normalize import high_genes, row_sums, scale_rows_inplace
 
 
+@old_positionals("target_sum", "exclude_highly_expressed", "max_fraction", "key_added", "layer",
+                 "inplace", "copy")
 @device_oom_hint
 def normalize_total(
     adata: AnnData,
@@ -35,7 +36,9 @@ def normalize_total(
     one for the sums (it also rejects NaN/inf before anything changes), two more with
     ``exclude_highly_expressed``, one to scale. Device memory: no copy of the matrix
     unless ``inplace=False``, the input is CSC (scanpy's CSR conversion) or integer
-    (scanpy's float32 conversion).
+    (scanpy's float32 conversion). As in scanpy, a view becomes an actual AnnData first (with
+    scanpy's UserWarning, also with ``inplace=False``), and the formerly positional arguments
+    still work, with its FutureWarning.
 
     Parameters
     ----------
@@ -68,7 +71,7 @@ def normalize_total(
     if copy and not inplace:
         raise ValueError("`copy=True` cannot be used with `inplace=False`.")
     if not 0 <= max_fraction <= 1:
-        raise ValueError(f"{func}: choose max_fraction between 0 and 1, got {max_fraction}")
+        raise ValueError(f"{func}: Choose max_fraction between 0 and 1. (got {max_fraction})")
     if target_sum is not None and not (np.isfinite(target_sum) and target_sum > 0):
         raise ValueError(f"{func}: target_sum={target_sum!r} must be a positive number "
                          "(or None for the median of the cell totals)")
@@ -77,7 +80,7 @@ def normalize_total(
     check_not_empty(x, func)
     if copy:
         adata = adata.copy()
-    actualize_view(adata)
+    view_to_actual(adata)  # scanpy's UserWarning "Received a view of an AnnData. Making a copy."
     x = get_matrix(adata, layer=layer, obsm=obsm, func=func)
     # CSC becomes CSR (as in scanpy), integers float32, strided dense C-ordered: each a new
     # matrix already, so inplace=False needs no further copy
@@ -109,7 +112,7 @@ def normalize_total(
     scale_rows_inplace(x, norm_factor + (norm_factor == 0))  # empty cells stay zero
     norm_factor = to_host(norm_factor).astype(x.dtype)
     if not np.all(norm_factor > 0):
-        warnings.warn("Some cells have zero counts", UserWarning, stacklevel=2)
+        warn("Some cells have zero counts", UserWarning)
 
     if inplace:
         if key_added is not None:

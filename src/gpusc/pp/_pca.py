@@ -3,14 +3,14 @@ centred randomized subspace iteration for wide matrices; sparse input is never d
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from anndata import AnnData
 
 from .._core.adata import check_not_empty, get_matrix
-from .._core.arrays import is_csc, is_sparse, placement, to_host, xp_of
+from .._core.arrays import canonical, is_csc, is_sparse, placement, to_host, xp_of
+from .._core.compat import check_mask, is_backed_type, warn
 from .._kernels.gram import DenseRows, gram
 
 N_PCS = 50  # scanpy's settings.N_PCS
@@ -26,8 +26,18 @@ MAX_POWER_ITER = 50
 RITZ_RTOL = 1e-10
 PROJECT_CHUNK_BYTES = 64 << 20  # float64 row chunk of X converted at a time
 
-_EXACT = frozenset({"auto", "full", "arpack", "covariance_eigh", "lobpcg"})
-_SOLVERS = _EXACT | {"randomized", "cuml"}
+# Every svd_solver name scanpy 1.12 knows (any estimator), and gpusc's "cuml".
+SOLVERS = ("auto", "full", "arpack", "randomized", "covariance_eigh", "lobpcg", "tsqr", "cuml")
+# scanpy's estimators: the names each accepts, the one it uses instead (with a warning) and
+# how scanpy's warning names it.
+_SCANPY_ESTIMATORS = {
+    "pca": (("auto", "full", "randomized", "arpack", "covariance_eigh"), "arpack",
+            "sklearn.decomposition._pca.PCA"),
+    "pca_sparse": (("arpack", "covariance_eigh"), "arpack",
+                   "sklearn.decomposition._pca.PCA (with sparse input)"),
+    "truncated_svd": (("arpack", "randomized"), "randomized",
+                      "sklearn.decomposition._truncated_svd.TruncatedSVD"),
+}
 
 
 class _Empty:
@@ -67,17 +77,27 @@ def pca(
     (device CSR: float64 row blocks of at most 64 MiB filled by a CUDA kernel and multiplied
     on cuBLAS; host CSR: a numba kernel over the stored values; dense: BLAS/cuBLAS on float64
     row chunks), the covariance ``(XᵀX − n·μμᵀ)/(n−1)``, and its top
-    eigenvectors (``cupy.linalg.eigh`` / ``scipy.linalg.eigh``). Wider input, or
-    ``svd_solver="randomized"``, uses a randomized subspace iteration (block size
-    ``max(2·n_comps, n_comps+10)``, QR after every product, 4 to 50 power iterations until
-    the singular value estimates settle) on products X·V and Xᵀ·U with
-    the centring applied implicitly; the centred matrix is never formed. ``"arpack"``,
-    ``"full"``, ``"auto"``, ``"covariance_eigh"`` (and ``None``) take the exact path; other
-    names warn and are ignored, as in scanpy. ``"cuml"`` (a gpusc extension, not a scanpy
-    name) hands dense device input to cuML's PCA (the ``rapids-cu13``/``rapids-cu12`` extra;
-    centred, not chunked); its numbers come from cuML. Results follow scikit-learn's sign convention
-    (the largest loading of each component is positive). Deterministic: the same input and
-    ``random_state`` give the same result on the same device.
+    eigenvectors (``cupy.linalg.eigh`` / ``scipy.linalg.eigh``). Wider input, or a randomized
+    solver, uses a randomized subspace iteration (block size ``max(2·n_comps, n_comps+10)``,
+    QR after every product, 4 to 50 power iterations until the singular value estimates
+    settle) on products X·V and Xᵀ·U with the centring applied implicitly; the centred matrix
+    is never formed. Genes that are 0 in every cell get loadings of exactly 0.
+
+    ``svd_solver`` follows scanpy's choice of solver and its warnings: where the estimator
+    scanpy would use (scikit-learn's PCA, PCA with sparse input, or TruncatedSVD with
+    ``zero_center=False``) does not take the name, the same UserWarning ("Ignoring
+    svd_solver=... and using ...") and the solver scanpy falls back to; ``"lobpcg"`` with
+    centred sparse input gives scanpy's FutureWarning. ``"randomized"`` when scanpy runs it
+    (named for dense centred input or with ``zero_center=False``, or put in place of
+    another name by TruncatedSVD) is the subspace iteration seeded by ``random_state``;
+    every other name, and ``None``, the exact path. A name scanpy does not know at all (a
+    typo) raises a ValueError, where scanpy would warn and run its default. ``"cuml"`` (a
+    gpusc extension, not a scanpy name) hands dense device input to cuML's PCA (the
+    ``rapids-cu13``/``rapids-cu12`` extra; centred, not chunked); its numbers come from cuML.
+    Results follow scikit-learn's sign convention (the largest loading of each component is
+    positive). Deterministic: the same input and ``random_state`` give the same result on the
+    same device; the exact path does not depend on ``random_state`` (scanpy's default ARPACK
+    does, in the last digits).
 
     ``chunked=True`` accumulates XᵀX over chunks of ``chunk_size`` cells, then projects chunk
     by chunk: the exact PCA (scanpy's IncrementalPCA approximates it); ``zero_center``,
@@ -97,7 +117,10 @@ def pca(
         AnnData, or a cells × genes matrix: numpy, scipy CSR/CSC, cupy, cupyx CSR/CSC.
     n_comps
         Number of components; default 50, or min(n_obs, n_vars) − 1 when that is smaller.
-        Must be between 1 and min(n_obs, n_vars) − 1.
+        From 1 to min(n_obs, n_vars), and below that where scanpy's solver needs it (ARPACK,
+        the default, and ``chunked``); outside, a ValueError with scikit-learn's message
+        where scanpy fails too. (scanpy also accepts 0 with ``"full"`` and up to n_vars
+        with ``zero_center=False``; gpusc does not.)
     layer, obsm
         Use this layer or obsm entry instead of X (not with ``chunked``).
     zero_center
@@ -107,7 +130,9 @@ def pca(
     chunked, chunk_size
         Work on ``chunk_size`` cells at a time (default 6000).
     random_state
-        Seed of the randomized solver (int, None or a numpy RandomState).
+        Seed of the randomized solver (int, None or a numpy RandomState; checked as scanpy
+        does, by scikit-learn's ``check_random_state``): different seeds give (slightly)
+        different results, the same seed the same.
     return_info
         With array input, also return components, variance ratio and variance.
     mask_var
@@ -142,27 +167,36 @@ def pca(
     Raises
     ------
     ValueError
-        n_comps out of range, NaN or inf in the matrix, an empty matrix, a bad mask.
+        n_comps out of range, NaN or inf in the matrix, an empty matrix, a bad mask (scanpy's
+        messages), an unknown ``svd_solver``.
     KeyError
         A missing layer or obsm key.
     NotImplementedError
-        ``chunked`` with ``layer`` or ``obsm``.
+        ``chunked`` with ``layer`` or ``obsm``, a backed AnnData (scanpy's messages).
     ImportError
         ``svd_solver="cuml"`` without cuML installed.
     """
     func = "pca"
+    if svd_solver is not None and svd_solver not in SOLVERS:
+        # scanpy warns "Ignoring svd_solver=..." and runs its default: a typo would go unnoticed
+        raise ValueError(f"{func}: unknown svd_solver={svd_solver!r}; use one of "
+                         f"{', '.join(map(repr, SOLVERS))} or None (the default)")
     if (layer is not None or obsm is not None) and chunked:
-        raise NotImplementedError(f"{func}: cannot use `layer`/`obsm` and `chunked` at the same time")
+        raise NotImplementedError(f"{func}: Cannot use `layer`/`obsm` and `chunked` at the same time.")
     if return_anndata := isinstance(data, AnnData):
-        if data.isbacked and layer is None and obsm is None:
-            raise NotImplementedError(f"{func}: backed AnnData is not supported; load it into memory first")
+        if layer is None and obsm is None and is_backed_type(data.X):
+            if not chunked:
+                raise NotImplementedError(f"PCA is not implemented for matrices of type {type(data.X)} "
+                                          "with chunked as False")
+            raise NotImplementedError(f"{func}: a backed AnnData is not supported (scanpy's chunked "
+                                      "IncrementalPCA reads it); load it into memory first")
         adata = data
     else:
         placement(data)  # a TypeError for unsupported array types
         adata = None
 
-    mask_var_param, mask = _handle_mask_var(adata, data.shape[1] if adata is None else adata.n_vars,
-                                            mask_var, obsm=obsm, use_highly_variable=use_highly_variable)
+    mask_var_param, mask = _handle_mask_var(adata, data.shape, mask_var, obsm=obsm,
+                                            use_highly_variable=use_highly_variable)
     x = data if adata is None else get_matrix(adata, layer=layer, obsm=obsm, func=func)
     placement(x)
     check_not_empty(x, func)
@@ -176,21 +210,24 @@ def pca(
     min_dim = min(n_obs, n_vars)
     if n_comps is None:
         n_comps = min_dim - 1 if min_dim <= N_PCS else N_PCS
-    if isinstance(n_comps, bool) or not isinstance(n_comps, int | np.integer) or not 1 <= n_comps < min_dim:
-        raise ValueError(
-            f"{func}: n_comps={n_comps!r} must be an integer between 1 and "
-            f"min(n_obs, n_vars) - 1 = {min_dim - 1} (the matrix used is {n_obs} × {n_vars}); "
-            "pass a smaller n_comps"
-        )
+    if isinstance(n_comps, bool) or not isinstance(n_comps, int | np.integer):
+        raise ValueError(f"{func}: n_comps={n_comps!r} must be an integer")
     n_comps = int(n_comps)
     if chunked:
         chunk_size = CHUNK_SIZE if chunk_size is None else chunk_size
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 1:
             raise ValueError(f"{func}: chunk_size={chunk_size!r} must be a positive integer")
-    solver = _solver(svd_solver, n_vars, chunked)
+    scanpy_solver = _scanpy_solver(svd_solver, sparse=is_sparse(x) or isinstance(x, DenseRows),
+                                   zero_center=zero_center, chunked=chunked)
+    _check_n_comps(n_comps, n_obs, n_vars, scanpy_solver, zero_center=zero_center, chunked=chunked)
+    solver = _solver(svd_solver, scanpy_solver, n_vars, chunked)
     if solver == "cuml" and (placement(x) != "device" or is_sparse(x) or not zero_center or chunked):
         raise ValueError(f"{func}: svd_solver='cuml' takes dense device input with zero_center=True "
                          "and chunked=False; leave svd_solver unset for gpusc's own solvers")
+    if solver == "randomized":
+        from sklearn.utils import check_random_state
+
+        random_state = check_random_state(random_state)  # scanpy's accepted seeds and its errors
     if not _all_finite(x):
         where = f"layer {layer!r}" if layer else f"obsm {obsm!r}" if obsm else "adata.X" if adata else "the matrix"
         raise ValueError(f"{func}: {where} contains NaN or inf; PCA needs finite values "
@@ -235,52 +272,108 @@ def pca(
     return adata if copy else None
 
 
-def _handle_mask_var(adata, n_vars, mask_var, *, obsm, use_highly_variable):
-    """``(the mask_var parameter as scanpy records it, a boolean numpy mask or None)``."""
+def _handle_mask_var(adata, shape, mask_var, *, obsm, use_highly_variable):
+    """``(the mask_var parameter as scanpy records it, a boolean numpy mask or None)``, with
+    scanpy's warning and errors (array input counts as an AnnData without var columns)."""
     if obsm:
         if mask_var is not _empty and mask_var is not None:
-            raise ValueError("pca: mask_var cannot be used with obsm")
+            raise ValueError("pca: Argument `mask_var` is incompatible with `obsm`.")
         return None, None
-    hint = ('use mask_var="highly_variable" for use_highly_variable=True, '
-            "mask_var=None for use_highly_variable=False")
+    if adata is None:
+        adata = AnnData(shape=shape)  # what scanpy wraps array input in: no var columns
+    hint = ('Use_highly_variable=True can be called through mask_var="highly_variable". '
+            "Use_highly_variable=False can be called through mask_var=None")
     if use_highly_variable is not None:
-        warnings.warn(f"Argument `use_highly_variable` is deprecated, consider using the mask argument: {hint}",
-                      FutureWarning, stacklevel=3)
+        warn(f"Argument `use_highly_variable` is deprecated, consider using the mask argument. {hint}",
+             FutureWarning)
         if mask_var is not _empty:
-            raise ValueError(f"pca: use_highly_variable and mask_var cannot both be given; {hint}")
-    has_hvg = adata is not None and "highly_variable" in adata.var.columns
-    if use_highly_variable or (use_highly_variable is None and mask_var is _empty and has_hvg):
+            raise ValueError(f"pca: These arguments are incompatible. {hint}")
+    if use_highly_variable or (use_highly_variable is None and mask_var is _empty
+                               and "highly_variable" in adata.var.columns):
         mask_var = "highly_variable"
     if mask_var is _empty or mask_var is None:
         return None, None
-    if isinstance(mask_var, str):
-        if adata is None:
-            raise ValueError(f"pca: mask_var={mask_var!r} names a var column, which needs an AnnData; "
-                             "pass a boolean array instead")
-        if mask_var not in adata.var.columns:
-            raise ValueError(f"pca: mask_var={mask_var!r} is not a column of adata.var; add it first "
-                             "(e.g. with pp.highly_variable_genes) or pass a boolean array")
-        mask = adata.var[mask_var].to_numpy()
+    return mask_var, check_mask(adata, mask_var, "var", adata.n_vars, "pca", "mask_var")
+
+
+def _scanpy_solver(svd_solver, *, sparse: bool, zero_center: bool, chunked: bool):
+    """The solver scanpy 1.12 runs for these arguments (None: its default), with its warnings."""
+    if chunked or svd_solver == "cuml":
+        return svd_solver  # scanpy's IncrementalPCA ignores svd_solver without a warning
+    if zero_center and sparse and svd_solver == "lobpcg":
+        warn(f"{svd_solver=} for sparse relies on legacy code and will not be supported in the future. "
+             "Also the lobpcg solver has been observed to be inaccurate. Please use 'arpack' instead.",
+             FutureWarning)
+        return svd_solver
+    estimator = "truncated_svd" if not zero_center else "pca_sparse" if sparse else "pca"
+    valid, default, name = _SCANPY_ESTIMATORS[estimator]
+    if svd_solver is None or svd_solver in valid:
+        return svd_solver
+    warn(f"Ignoring {svd_solver=} and using {default}, {name} only supports dict_keys({list(valid)}).",
+         UserWarning)
+    return default
+
+
+def _check_n_comps(n_comps: int, n_obs: int, n_vars: int, scanpy_solver, *, zero_center: bool,
+                   chunked: bool) -> None:
+    """A ValueError where scanpy (scikit-learn) rejects n_comps, with its message, or where
+    gpusc's solvers cannot give it (outside 1..min(n_obs, n_vars))."""
+    min_dim = min(n_obs, n_vars)
+    upper = min_dim
+    theirs = None
+    if chunked:
+        upper = min_dim - 1  # gpusc's bound here, as before (IncrementalPCA's depends on the chunks)
+        if n_comps > n_vars:
+            theirs = (f"n_components={n_comps} invalid for n_features={n_vars}, need more rows than "
+                      "columns for IncrementalPCA processing")
+    elif not zero_center:
+        if n_comps < 1:
+            theirs = (f"The 'n_components' parameter of TruncatedSVD must be an int in the range "
+                      f"[1, inf). Got {n_comps} instead.")
+        elif scanpy_solver == "arpack":  # scipy's svds
+            upper = min_dim - 1
+            if n_comps > upper:
+                theirs = "`k` must be an integer satisfying `0 < k < min(A.shape)`."
+        elif n_comps > n_vars:
+            theirs = f"n_components({n_comps}) must be <= n_features({n_vars})."
     else:
-        mask = mask_var.get() if hasattr(mask_var, "get") else np.asarray(mask_var)
-        if mask.ndim != 1 or mask.shape[0] != n_vars:
-            raise ValueError(f"pca: mask_var has shape {mask.shape}; expected ({n_vars},), one entry per gene")
-    if mask.dtype != bool:
-        raise ValueError(f"pca: mask_var must be boolean, got dtype {mask.dtype}")
-    return mask_var, mask
+        solver = "arpack" if scanpy_solver in (None, "lobpcg") else scanpy_solver
+        solver = "full" if solver == "auto" else solver  # what scikit-learn picks for most n_comps
+        lowest = 1 if solver in ("arpack", "randomized") else 0
+        if solver == "arpack":
+            upper = min_dim - 1
+        if n_comps < 0:
+            theirs = ("The 'n_components' parameter of PCA must be an int in the range [0, inf), a "
+                      f"float in the range (0.0, 1.0), a str among {{'mle'}} or None. Got {n_comps} "
+                      "instead.")
+        elif not lowest <= n_comps <= min_dim:
+            theirs = (f"n_components={n_comps} must be between {lowest} and min(n_samples, "
+                      f"n_features)={min_dim} with svd_solver={solver!r}")
+        elif solver == "arpack" and n_comps == min_dim:
+            theirs = (f"n_components={n_comps} must be strictly less than min(n_samples, "
+                      f"n_features)={min_dim} with svd_solver='arpack'")
+    if theirs is None and 1 <= n_comps <= upper:
+        return
+    limit = "min(n_obs, n_vars) - 1" if upper < min_dim else "min(n_obs, n_vars)"
+    raise ValueError(
+        f"pca: {theirs or 'gpusc computes 1 to min(n_obs, n_vars) components'}; n_comps={n_comps} "
+        f"must be between 1 and {limit} = {upper} here (the matrix used is {n_obs} × {n_vars}); "
+        "pass a smaller n_comps")
 
 
-def _solver(svd_solver, n_vars: int, chunked: bool) -> str:
-    """``"gram"``, ``"randomized"`` or ``"cuml"``."""
-    if svd_solver is not None and svd_solver not in _SOLVERS:
-        warnings.warn(f"Ignoring svd_solver={svd_solver!r}: gpusc's pca supports {sorted(_SOLVERS)}",
-                      UserWarning, stacklevel=3)
-        svd_solver = None
+def _solver(svd_solver, scanpy_solver, n_vars: int, chunked: bool) -> str:
+    """gpusc's method: ``"gram"``, ``"randomized"`` or ``"cuml"``.
+
+    ``"randomized"`` when scanpy runs a randomized solver by name (given, or put in place
+    of a name TruncatedSVD does not take); the exact Gram path for the other names and for
+    ``None`` (scanpy's default ARPACK, and TruncatedSVD's default randomized too: its exact
+    answer), or the converged subspace iteration above ``GRAM_MAX_VARS`` genes.
+    """
     if svd_solver == "cuml":
         return "cuml"
-    if chunked or svd_solver == "covariance_eigh":
+    if chunked or scanpy_solver == "covariance_eigh":
         return "gram"
-    if svd_solver == "randomized" or n_vars > GRAM_MAX_VARS:
+    if (scanpy_solver == "randomized" and svd_solver is not None) or n_vars > GRAM_MAX_VARS:
         return "randomized"
     return "gram"
 
@@ -344,6 +437,7 @@ def _fit(x, n_comps: int, *, zero_center: bool, solver: str, chunk_size: int | N
     if solver == "gram":
         gram_xx, sums = _gram(x, chunk_size)
         mean = sums / n_obs
+        gene_squares = xp.diag(gram_xx).copy()
         sum_squares = float(xp.trace(gram_xx))  # synchronize!
         if zero_center:
             gram_xx -= n_obs * xp.outer(mean, mean)
@@ -353,9 +447,13 @@ def _fit(x, n_comps: int, *, zero_center: bool, solver: str, chunk_size: int | N
         singular_sq = eigenvalues * (n_obs - 1) if zero_center else eigenvalues
     else:
         mean = _col_sums(x) / n_obs
-        sum_squares = _sum_squares(x)
+        gene_squares = _col_sum_squares(x)
+        sum_squares = float(gene_squares.sum())  # synchronize!
         singular, vectors = _subspace_iteration(x, mean if zero_center else None, n_comps, random_state)
         singular_sq = singular**2
+    # A gene that is 0 in every cell has a zero row and column in XᵀX and in the covariance, so
+    # its loadings are exactly 0; eigh/QR leave rounding residue (1e-17..1e-48) there instead
+    vectors[gene_squares == 0] = 0
     components = to_host(vectors.T).copy()
     signs = _flip_signs(components)
     components *= signs[:, None]
@@ -429,15 +527,18 @@ def _col_sums(x):
     return sums
 
 
-def _sum_squares(x) -> float:
+def _col_sum_squares(x):
+    """Each gene's sum of squares, float64, where x lives."""
+    xp = xp_of(x)
     if is_sparse(x):
+        x = canonical(x.tocsr() if is_csc(x) else x)  # a duplicate entry is one value, squared once
         data = x.data.astype(np.float64)
-        return float(data @ data)  # synchronize!
-    total = 0.0
+        return xp.bincount(x.indices, weights=data * data, minlength=x.shape[1])
+    out = xp.zeros(x.shape[1], np.float64)
     for a, b in _row_chunks(*x.shape):
         chunk = _as_float64(x[a:b])
-        total += float((chunk * chunk).sum())  # synchronize!
-    return total
+        out += (chunk * chunk).sum(axis=0)
+    return out
 
 
 def _matmul(x, v):

@@ -17,8 +17,9 @@ import pandas as pd
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .._core.adata import actualize_view, check_not_empty, get_matrix, nonfinite_error, set_matrix
+from .._core.adata import check_not_empty, get_matrix, nonfinite_error, set_matrix
 from .._core.arrays import is_csc, is_csr, is_sparse, placement, xp_of
+from .._core.compat import old_positionals, view_to_actual
 
 _FUNC = "regress_out"
 # Elements of X densified (as float64) at a time.
@@ -195,6 +196,7 @@ def _check_finite(rhs) -> None:
         raise nonfinite_error(_FUNC, "the data")
 
 
+@old_positionals("layer", "n_jobs", "copy")
 def regress_out(
     adata: AnnData,
     keys: str | Sequence[str],
@@ -213,6 +215,8 @@ def regress_out(
     (integers: float32 up to 4 bytes, float64 beyond) for numeric keys; float64 for a
     categorical key or a singular design, where genes constant over all cells are left as
     they are. Device memory: the dense result plus float64 chunks of about 32 MiB.
+    ``layer``, ``n_jobs`` and ``copy`` may still be given positionally, with scanpy's
+    FutureWarning.
 
     Parameters
     ----------
@@ -230,7 +234,9 @@ def regress_out(
     Returns
     -------
     ``None``, or the copy with ``copy=True``; X (or the layer) becomes the dense corrected
-    matrix (numpy or cupy, dtype as above).
+    matrix (numpy or cupy, dtype as above). As in scanpy, string columns of ``obs`` and
+    ``var`` become categoricals (scanpy's sanitize_anndata) and a view becomes an actual
+    AnnData with scanpy's UserWarning.
     """
     del n_jobs
     keys = [keys] if isinstance(keys, str) else list(keys)
@@ -250,7 +256,8 @@ def regress_out(
         result = _fit_numeric(x, regressors[1])
     if copy:
         adata = adata.copy()
-    actualize_view(adata)
+    adata.strings_to_categoricals()  # scanpy's sanitize_anndata (a view with strings: anndata's warning)
+    view_to_actual(adata)  # scanpy's UserWarning "Received a view of an AnnData. Making a copy."
     set_matrix(adata, result, layer=layer)
     logg.info("    finished", time=start)
     return adata if copy else None

@@ -124,6 +124,7 @@ def snapshot(adata: ad.AnnData) -> dict:
     return {
         "X": None if adata.X is None else dense(adata.X).copy(),
         "X_type": type(adata.X),
+        "X_dtype": None if adata.X is None else adata.X.dtype,
         "obs": adata.obs.copy(deep=True),
         "var": adata.var.copy(deep=True),
         "obs_names": adata.obs_names.copy(),
@@ -131,6 +132,8 @@ def snapshot(adata: ad.AnnData) -> dict:
         "uns": copy.deepcopy(dict(adata.uns)),
         "layers": {k: dense(v).copy() for k, v in adata.layers.items()},
         "obsm": {k: dense(v).copy() for k, v in adata.obsm.items()},
+        "varm": {k: dense(v).copy() for k, v in adata.varm.items()},
+        "obsp": {k: dense(v).copy() for k, v in adata.obsp.items()},
         "raw": None if adata.raw is None else dense(adata.raw.X).copy(),
     }
 
@@ -146,7 +149,11 @@ def _uns_equal(a, b) -> bool:
 def assert_unchanged(adata: ad.AnnData, snap: dict):
     """The AnnData equals the snapshot taken before the call (values, keys, names)."""
     assert type(adata.X) is snap["X_type"], f"X type changed to {type(adata.X)}"
-    np.testing.assert_array_equal(dense(adata.X), snap["X"], err_msg="X changed")
+    if snap["X"] is None:
+        assert adata.X is None, "X was set"
+    else:
+        assert adata.X.dtype == snap["X_dtype"], f"X dtype changed from {snap['X_dtype']} to {adata.X.dtype}"
+        np.testing.assert_array_equal(dense(adata.X), snap["X"], err_msg="X changed")
     pd.testing.assert_frame_equal(adata.obs, snap["obs"])
     pd.testing.assert_frame_equal(adata.var, snap["var"])
     pd.testing.assert_index_equal(adata.obs_names, snap["obs_names"])
@@ -158,6 +165,11 @@ def assert_unchanged(adata: ad.AnnData, snap: dict):
     assert set(adata.obsm.keys()) == set(snap["obsm"]), "obsm keys changed"
     for k, v in snap["obsm"].items():
         np.testing.assert_array_equal(dense(adata.obsm[k]), v, err_msg=f"obsm {k} changed")
+    for field in ("varm", "obsp"):
+        stored = getattr(adata, field)
+        assert set(stored.keys()) == set(snap[field]), f"{field} keys changed"
+        for k, v in snap[field].items():
+            np.testing.assert_array_equal(dense(stored[k]), v, err_msg=f"{field} {k} changed")
     if snap["raw"] is None:
         assert adata.raw is None
     else:

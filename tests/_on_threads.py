@@ -135,13 +135,43 @@ class DeviceArray(np.ndarray):
 def numpy_as_cupy(monkeypatch, shared_memory_optin: int = 232448):
     """Install a ``cupy`` module whose array makers are NumPy's (returning DeviceArray), so a
     device launcher runs its own code on the host; its kernels are the tests' to stand in.
+    ``cupyx.scipy.sparse`` is SciPy's, its CSR matrices given CuPy's ``get()``.
     Returns the module; ``cupy.cuda.Device().attributes`` holds the shared-memory limit."""
+    from scipy import sparse
+
     fake = types.ModuleType("cupy")
     for name in ("asarray", "zeros", "full", "empty", "arange", "flatnonzero", "sqrt", "where",
-                 "ascontiguousarray"):
+                 "ascontiguousarray", "repeat"):
         make = getattr(np, name)
         setattr(fake, name, lambda *a, make=make, **k: np.asarray(make(*a, **k)).view(DeviceArray))
     device = types.SimpleNamespace(attributes={"MaxSharedMemoryPerBlockOptin": shared_memory_optin})
     fake.cuda = types.SimpleNamespace(Device=lambda: device)
     monkeypatch.setitem(sys.modules, "cupy", fake)
+    fake_sparse = types.ModuleType("cupyx.scipy.sparse")
+    fake_sparse.coo_matrix, fake_sparse.csr_matrix = sparse.coo_matrix, sparse.csr_matrix
+    fake_scipy = types.ModuleType("cupyx.scipy")
+    fake_scipy.sparse = fake_sparse
+    fake_cupyx = types.ModuleType("cupyx")
+    fake_cupyx.scipy = fake_scipy
+    for name, module in (("cupyx", fake_cupyx), ("cupyx.scipy", fake_scipy), ("cupyx.scipy.sparse", fake_sparse)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(sparse.csr_matrix, "get", lambda self: self, raising=False)
     return fake
+
+
+def launchers_on_threads(monkeypatch, built: dict[str, dict[str, Kernel]]) -> dict[str, tuple]:
+    """Make ``gpusc._core.cuda.get_kernel`` hand out the stand-ins of ``built`` (family ->
+    :func:`build`'s result), so that a launcher's own get_kernel and launch calls run the
+    kernels on threads. Returns name -> the arguments of its latest launch."""
+    launched = {}
+
+    def get_kernel(family, names, name):
+        assert name in names, f"{name} is not among {family}'s name expressions"
+
+        def launch(grid, block, args, shared_mem=0):
+            launched[name] = args
+            built[family][name](grid, block, args, shared_mem=shared_mem)
+        return launch
+
+    monkeypatch.setattr(cuda, "get_kernel", get_kernel)
+    return launched

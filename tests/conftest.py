@@ -12,20 +12,32 @@ from scipy import sparse
 DATA = Path(os.environ.get("GPUSC_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 
 
-def _has_gpu() -> bool:
+def _gpu_status() -> tuple[bool, str]:
+    """(usable, why): CuPy imports and sees a device, or the reason it does not."""
     try:
         import cupy
 
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
+        n = cupy.cuda.runtime.getDeviceCount()
+        return n > 0, f"cupy {cupy.__version__} sees {n} device(s)"
+    except Exception as err:  # no cupy, no driver, a broken CUDA install
+        return False, f"{type(err).__name__}: {err}"
 
 
-HAS_GPU = _has_gpu()
+HAS_GPU, GPU_STATUS = _gpu_status()
+
+
+def pytest_configure(config):
+    # On a GPU runner (make test-gpu) a broken CUDA install must fail the run, not skip it.
+    if os.environ.get("GPUSC_REQUIRE_GPU") == "1" and not HAS_GPU:
+        raise pytest.UsageError(f"GPUSC_REQUIRE_GPU=1 but no CUDA device is usable: {GPU_STATUS}")
+
+
+def pytest_report_header(config):
+    return f"gpusc GPU tests: {'run' if HAS_GPU else 'skipped'} ({GPU_STATUS})"
 
 
 def pytest_collection_modifyitems(config, items):
-    skip = pytest.mark.skip(reason="needs a CUDA device (cupy sees none)")
+    skip = pytest.mark.skip(reason=f"needs a CUDA device ({GPU_STATUS})")
     for item in items:
         if "gpu" in item.keywords and not HAS_GPU:
             item.add_marker(skip)
@@ -116,16 +128,36 @@ def scanpy_pca(adata):
     return adata
 
 
+def read_only(x):
+    """``x`` with its arrays made read-only in place: a NumPy array, a SciPy sparse matrix's
+    buffers, or an AnnData's X, layers, obsm, varm and obsp. For fixtures shared by several
+    tests: a function that writes into one fails loudly instead of changing later tests'
+    input (``.copy()`` gives writable arrays again). obs, var and uns cannot be locked: copy
+    a shared AnnData before handing it to a function that may write there."""
+    import anndata as ad
+
+    if isinstance(x, ad.AnnData):
+        for m in (x.X, *x.layers.values(), *x.obsm.values(), *x.varm.values(), *x.obsp.values()):
+            read_only(m)
+    elif sparse.issparse(x):
+        for buffer in (x.data, *((x.indices, x.indptr) if x.format in ("csr", "csc") else ())):
+            buffer.flags.writeable = False
+    elif isinstance(x, np.ndarray):
+        x.flags.writeable = False
+    return x
+
+
 @pytest.fixture(scope="session")
 def pbmc_pca():
-    """pbmc3k's X_pca from :func:`scanpy_pca`, C-ordered."""
-    return np.ascontiguousarray(scanpy_pca(read_real("pbmc3k_counts_labeled.h5ad")).obsm["X_pca"])
+    """pbmc3k's X_pca from :func:`scanpy_pca`, C-ordered, read-only."""
+    return read_only(np.ascontiguousarray(scanpy_pca(read_real("pbmc3k_counts_labeled.h5ad")).obsm["X_pca"]))
 
 
 @pytest.fixture(scope="session")
 def pbmc_graph():
     """1,500 pbmc3k cells through :func:`scanpy_pca`, then neighbors 15 (exact, sklearn):
-    the graph the tl tests compare on. Copy before writing."""
+    the graph the tl tests compare on. Its arrays are read-only (:func:`read_only`); copy it
+    before handing it to a function that may write into it."""
     import warnings
 
     import scanpy as sc
@@ -136,4 +168,4 @@ def pbmc_graph():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sc.pp.neighbors(adata, n_neighbors=15, transformer="sklearn")
-    return adata
+    return read_only(adata)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import read_real
+from conftest import read_only, read_real
 from scipy import sparse
 
 from gpusc import datasets
@@ -36,7 +36,7 @@ def small():
 
 @pytest.fixture(scope="module")
 def pbmc():
-    return read_real("pbmc3k_counts_labeled.h5ad")
+    return read_only(read_real("pbmc3k_counts_labeled.h5ad"))  # shared: resample must not write into it
 
 
 @pytest.fixture(scope="module")

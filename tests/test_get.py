@@ -16,7 +16,8 @@ import pytest
 from scipy import sparse
 
 from gpusc.get import X_to_CPU, X_to_GPU, anndata_to_CPU, anndata_to_GPU
-from gpusc.get._transfer import _assemble_host_sparse
+from gpusc._core import arrays
+from gpusc.get._transfer import _assemble_host_sparse, _index_arrays
 
 from conftest import HOST_TYPES, synthetic_counts
 
@@ -209,6 +210,28 @@ def test_assemble_host_sparse_keeps_index_dtype(fmt, index_dtype):
     np.testing.assert_array_equal(out.toarray(), ref.toarray())
 
 
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_indices_go_to_the_device_as_int32_where_they_fit(index_dtype):
+    """The index policy: int32 on the device wherever the matrix fits it, int64 past 2**31."""
+    host = _with_index_dtype(sparse.random(30, 20, density=0.2, format="csr", random_state=1), index_dtype)
+    indices, indptr = _index_arrays(host)
+    assert indices.dtype == indptr.dtype == np.int32
+    np.testing.assert_array_equal(indices, host.indices)
+    np.testing.assert_array_equal(indptr, host.indptr)
+    assert arrays.index_dtype_for(2**31 - 1, (10, 10)) == np.int32
+    assert arrays.index_dtype_for(2**31, (10, 10)) == np.int64  # stored values past int32
+    assert arrays.index_dtype_for(5, (2**31, 10)) == np.int64  # a dimension past int32
+
+
+def test_int64_device_indices_refused_before_cupy_14_1(monkeypatch):
+    """CuPy 13 reads int64 index buffers as int32: refused with the fix in the message."""
+    monkeypatch.setattr(arrays, "_cupy_version", lambda: (13, 6))
+    with pytest.raises(RuntimeError, match=r"CuPy >= 14\.1"):
+        arrays._check_cupy_int64_sparse()
+    monkeypatch.setattr(arrays, "_cupy_version", lambda: (14, 1))
+    arrays._check_cupy_int64_sparse()
+
+
 # ---------------------------------------------------------------------------
 # GPU
 
@@ -246,16 +269,17 @@ def test_sparse_round_trip_bit_exact(kind, dtype, index_dtype):
     assert type(d) is (cpsparse.csr_matrix if is_csr else cpsparse.csc_matrix)
     assert d.shape == host.shape
     assert d.data.dtype == dtype
-    assert d.indices.dtype == index_dtype and d.indptr.dtype == index_dtype
-    for name in ("data", "indices", "indptr"):
-        assert getattr(d, name).get().tobytes() == getattr(host, name).tobytes(), name
-    if index_dtype == np.int32:
-        # the assembled cupyx matrix works as a matrix, not only as three buffers
-        np.testing.assert_array_equal(d.toarray().get(), x)
+    # int32 on the device wherever it fits (the index policy), whatever the host had
+    assert d.indices.dtype == np.int32 and d.indptr.dtype == np.int32
+    assert d.data.get().tobytes() == host.data.tobytes()
+    for name in ("indices", "indptr"):
+        np.testing.assert_array_equal(getattr(d, name).get(), getattr(host, name), err_msg=name)
+    # the assembled cupyx matrix works as a matrix, not only as three buffers
+    np.testing.assert_array_equal(d.toarray().get(), x)
 
     back = X_to_CPU(d)
     assert type(back) is (sparse.csr_matrix if is_csr else sparse.csc_matrix)
-    _assert_same_sparse(back, host)
+    _assert_same_sparse(back, _with_index_dtype(host, np.int32))
 
 
 @pytest.mark.gpu
@@ -265,7 +289,7 @@ def test_sparse_integer_data_become_float32(index_dtype):
     host = _with_index_dtype(sparse.csr_matrix(x), index_dtype)
     d = X_to_GPU(host)
     assert d.data.dtype == np.float32
-    assert d.indices.dtype == index_dtype
+    assert d.indices.dtype == np.int32  # the index policy: int32 wherever it fits
     np.testing.assert_array_equal(d.data.get(), host.data.astype(np.float32))
     np.testing.assert_array_equal(d.indices.get(), host.indices)
 

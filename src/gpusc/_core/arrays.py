@@ -7,7 +7,7 @@ import on any machine.
 
 from __future__ import annotations
 
-from functools import singledispatch
+from functools import cache, singledispatch
 from typing import Literal
 
 import numpy as np
@@ -33,6 +33,13 @@ SUPPORTED_ARRAY_TYPES = (
 
 Placement = Literal["host", "device"]
 
+# Index policy on the device: int32 wherever it fits (cupyx's fast paths, half the index
+# bytes), int64 only past 2**31 - 1 stored values or rows/columns. cupyx handles int64
+# index buffers from CuPy 14.1 on; CuPy 13 reads them as int32 (wrong results), so it is
+# refused for them.
+INT32_MAX = int(np.iinfo(np.int32).max)
+CUPY_INT64_SPARSE = (14, 1)
+
 
 @singledispatch
 def placement(x) -> Placement:
@@ -50,9 +57,39 @@ def _(x) -> Placement:
 
 
 @placement.register(types.CupyArray)
-@placement.register(types.CupyCSMatrix)
 def _(x) -> Placement:
     return "device"
+
+
+@placement.register(types.CupyCSMatrix)
+def _(x) -> Placement:
+    if x.indices.dtype.itemsize > 4 or x.indptr.dtype.itemsize > 4:
+        _check_cupy_int64_sparse()
+    return "device"
+
+
+def index_dtype_for(nnz: int, shape: tuple[int, ...]) -> np.dtype:
+    """The index dtype a compressed matrix needs: int32 unless its stored values or a
+    dimension pass 2**31 - 1."""
+    return np.dtype(np.int32 if max(int(nnz), *(int(s) for s in shape)) <= INT32_MAX else np.int64)
+
+
+@cache
+def _cupy_version() -> tuple[int, int]:
+    import cupy
+
+    major, minor = (int("".join(c for c in part if c.isdigit()) or 0)
+                    for part in cupy.__version__.split(".")[:2])
+    return major, minor
+
+
+def _check_cupy_int64_sparse() -> None:
+    if _cupy_version() < CUPY_INT64_SPARSE:
+        raise RuntimeError(
+            f"this device sparse matrix has int64 indices, which CuPy "
+            f"{'.'.join(map(str, _cupy_version()))} reads as int32 (wrong results); install "
+            "CuPy >= 14.1 (pip install 'gpusc[cu13]' or 'gpusc[cu12]'), or keep int32 indices "
+            "(gpusc.get.X_to_GPU does when the matrix has fewer than 2**31 stored values)")
 
 
 def is_sparse(x) -> bool:

@@ -3,7 +3,8 @@
 Everything here imports without CuPy; CuPy is imported inside the functions that
 touch the device. Sparse matrices are moved as their three buffers
 (``data``, ``indices``, ``indptr``) and reassembled around those very buffers, so
-values and index dtypes arrive bit for bit: neither SciPy's nor cupyx's
+values arrive bit for bit and index dtypes as chosen (int32 on the device wherever it
+fits; :mod:`gpusc._core.arrays` has the policy): neither SciPy's nor cupyx's
 ``(data, indices, indptr)`` constructor can be trusted with that (see
 :func:`_assemble_device_sparse`).
 """
@@ -18,7 +19,7 @@ import numpy as np
 from fast_array_utils import types
 from scipy import sparse
 
-from .._core.arrays import is_csr
+from .._core.arrays import index_dtype_for, is_csr
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -105,12 +106,15 @@ def _(x, where: str) -> None:
 
 
 def _index_arrays(x) -> tuple[np.ndarray, np.ndarray]:
-    """indices and indptr of a compressed matrix, as they are when they share a dtype.
+    """indices and indptr of a compressed matrix as they go to the device: int32 wherever
+    the matrix fits it (the index policy of gpusc._core.arrays), else one common dtype.
 
     SciPy keeps the two in one dtype; if a caller assigned them separately, both go to
     the wider one (values unchanged), because every kernel takes a single index type.
     """
     indices, indptr = x.indices, x.indptr
+    if index_dtype_for(x.nnz, x.shape) == np.int32:
+        return indices.astype(np.int32, copy=False), indptr.astype(np.int32, copy=False)
     if indices.dtype != indptr.dtype:
         common = np.promote_types(indices.dtype, indptr.dtype)
         indices, indptr = indices.astype(common), indptr.astype(common)
@@ -262,8 +266,10 @@ def X_to_GPU(X):  # noqa: N802 (scanpy/rapids-singlecell naming)
         ``numpy.ndarray`` becomes ``cupy.ndarray`` with the same dtype (integer stays
         integer) and values; CSR becomes ``cupyx.scipy.sparse.csr_matrix`` and CSC
         becomes ``cupyx.scipy.sparse.csc_matrix``. Sparse ``indices`` and ``indptr``
-        keep their dtype, int32 or int64 (int64 is needed past 2**31 stored values),
-        and their order: unsorted indices or duplicates are moved as they are.
+        become int32 wherever that holds them (fewer than 2**31 stored values, rows and
+        columns; int64 otherwise): cupyx's int32 paths are the fast ones and the indices
+        take half the memory. Their order is kept: unsorted indices or duplicates are
+        moved as they are.
         cupyx sparse matrices hold only bool, float32, float64, complex64 and
         complex128 data, so sparse integer (and float16) data become **float32**;
         integer counts up to 2**24 stay exact.
@@ -430,8 +436,8 @@ def anndata_to_CPU(  # noqa: N802
 anndata_to_GPU.__doc__ = f"""Move ``adata.X`` (or a layer, or all of them) to the GPU.
 
 Each matrix is moved as :func:`X_to_GPU` moves it: dense stays dense with its dtype,
-CSR/CSC become cupyx ``csr_matrix``/``csc_matrix`` with their index dtypes (int32 or
-int64) kept, and integer sparse data become float32. obs, var, obsm, varm, obsp,
+CSR/CSC become cupyx ``csr_matrix``/``csc_matrix`` with int32 indices wherever they fit
+(int64 past 2**31 stored values), and integer sparse data become float32. obs, var, obsm, varm, obsp,
 varp, uns and raw stay on the host, where scanpy's plotting reads them.
 
 {_ANNDATA_PARAMS}

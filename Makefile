@@ -2,6 +2,9 @@
 #   make run    install into .venv and run the main job (`gpusc run`)
 #   make test   install into .venv and run the test suite
 # Override the interpreter with `make PYTHON=/path/to/python3.12 test`.
+# On a machine with a GPU:
+#   make test-gpu   also install CuPy and RMM (GPU_EXTRA=cu13, or cu12 for CUDA 12) and run
+#                   the GPU-marked tests; fails when no device is usable (GPUSC_REQUIRE_GPU=1)
 
 SHELL := /bin/bash
 VENV  := .venv
@@ -26,7 +29,10 @@ ifeq ($(origin PYTHON),undefined)
 PYTHON := $(shell $(find_python))
 endif
 
-.PHONY: venv run test clean
+GPU_EXTRA ?= cu13
+GPU_STAMP := $(VENV)/.installed-$(GPU_EXTRA)
+
+.PHONY: venv run test test-gpu clean
 
 venv: $(STAMP)
 
@@ -48,6 +54,13 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+$(GPU_STAMP): pyproject.toml $(STAMP)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --progress-bar off -e '.[test,bench,$(GPU_EXTRA)]'
+	touch $@
+
+test-gpu: $(GPU_STAMP)
+	GPUSC_REQUIRE_GPU=1 $(VENV)/bin/python -m pytest -q -m gpu
 
 clean:
 	rm -rf $(VENV)

@@ -48,6 +48,20 @@ __device__ __forceinline__ bool counted(double v, int count) {
     return count == COUNT_POSITIVE ? v > 0.0 : (count == COUNT_NONZERO && v != 0.0);
 }
 
+// A thread's running sums of one gene: the transformed values, their squares, the counted ones.
+struct GeneSums {
+    double sum = 0.0, sum_sq = 0.0, count = 0.0;
+    int flags = 0;
+    template <typename T>
+    __device__ void add(T v, int mode, double scale, double clip, int count_mode) {
+        flags |= moment_flags(v);
+        const double f = transformed(v, mode, scale, clip);
+        sum += f;
+        sum_sq += f * f;
+        count += counted((double)v, count_mode) ? 1.0 : 0.0;
+    }
+};
+
 // One warp per slice: the warp walks its slice's rows in order and the lanes stride each row's
 // stored values into the slice's own part (sum, then sum of squares when with_squares, then the
 // count when count != COUNT_NONE). A row's columns are distinct (the caller sums duplicates
@@ -97,23 +111,17 @@ __global__ void moments_dense(const T* x, long long n_cols, const long long* row
     const long long col = ((long long)blockIdx.x % n_col_tiles) * blockDim.x + threadIdx.x;
     if (slice >= n_slices || col >= n_cols) return;
     const double c = clip != nullptr ? clip[(long long)slice_group[slice] * n_cols + col] : 0.0;
-    double s = 0.0, s2 = 0.0, n = 0.0;
-    int bad = 0;
+    GeneSums g;
     for (long long k = slice_start[slice]; k < slice_start[slice + 1]; ++k) {
         const long long row = rows != nullptr ? rows[k] : k;
-        const T v = x[row * n_cols + col];
-        bad |= moment_flags(v);
-        const double f = transformed(v, mode, scale, c);
-        s += f;
-        s2 += f * f;
-        n += counted((double)v, count) ? 1.0 : 0.0;
+        g.add(x[row * n_cols + col], mode, scale, c, count);
     }
-    if (bad) atomicOr(flags, bad);
+    if (g.flags) atomicOr(flags, g.flags);
     const int n_arrays = 1 + (with_squares != 0) + (count != COUNT_NONE);
     double* out = part + slice * n_arrays * n_cols + col;
-    out[0] = s;
-    if (with_squares) out[n_cols] = s2;
-    if (count != COUNT_NONE) out[(n_arrays - 1) * n_cols] = n;
+    out[0] = g.sum;
+    if (with_squares) out[n_cols] = g.sum_sq;
+    if (count != COUNT_NONE) out[(n_arrays - 1) * n_cols] = g.count;
 }
 
 // CSC input in one group (no transpose needed): one warp per gene, warp = gene; the lanes stride
@@ -126,20 +134,11 @@ __global__ void moments_csc(const T* data, const I* indptr, long long n_cols, in
     if (col >= n_cols) return;  // whole warps leave together
     const int lane = threadIdx.x & 31;
     const double c = clip != nullptr ? clip[col] : 0.0;
-    double s = 0.0, s2 = 0.0, n = 0.0;
-    int bad = 0;
-    for (long long j = (long long)indptr[col] + lane; j < (long long)indptr[col + 1]; j += 32) {
-        const T v = data[j];
-        bad |= moment_flags(v);
-        const double f = transformed(v, mode, scale, c);
-        s += f;
-        s2 += f * f;
-        n += counted((double)v, count) ? 1.0 : 0.0;
-    }
-    if (bad) atomicOr(flags, bad);
-    s = warp_sum(s);
-    s2 = warp_sum(s2);
-    n = warp_sum(n);
+    GeneSums g;
+    for (long long j = (long long)indptr[col] + lane; j < (long long)indptr[col + 1]; j += 32)
+        g.add(data[j], mode, scale, c, count);
+    if (g.flags) atomicOr(flags, g.flags);
+    const double s = warp_sum(g.sum), s2 = warp_sum(g.sum_sq), n = warp_sum(g.count);
     if (lane == 0) {
         out[col] = s;
         int a = 1;

@@ -29,7 +29,7 @@ def _codes(n_obs, seed=0):
     return codes
 
 
-def _expected(x, codes, n_groups, mode, scale, clip, count):
+def definition(x, codes, n_groups, mode, scale, clip, count):
     """The definition, group by group, on the dense matrix (float64 sums)."""
     s, s2, n = (np.zeros((n_groups, x.shape[1])) for _ in range(3))
     for g in range(n_groups):
@@ -56,7 +56,7 @@ def test_every_type_against_the_definition(array_type, dtype, mode):
     for count in (COUNT_POSITIVE, COUNT_NONZERO):
         m = gene_moments(array_type(x), codes, N_GROUPS, mode=mode, scale=0.7, clip=clip,
                          count=count, check_integer=True)
-        s, s2, n = _expected(x, codes, N_GROUPS, mode, 0.7, clip, count)
+        s, s2, n = definition(x, codes, N_GROUPS, mode, 0.7, clip, count)
         # float32 expm1: numba's/CUDA's expm1f and NumPy's may differ by an ulp of float32
         rtol = 1e-6 if dtype == np.float32 and mode == MODE_EXPM1 else 1e-12
         np.testing.assert_allclose(m.sum, s, rtol=rtol, atol=1e-300)

@@ -15,10 +15,18 @@ import _on_threads as on_threads
 import numpy as np
 import pytest
 from scipy import sparse
+from test_moments import definition
 
 from gpusc._core import cuda
 from gpusc._kernels import moments
-from gpusc._kernels.moments import COUNT_NONE, COUNT_NONZERO, COUNT_POSITIVE, MODE_CLIP, MODE_EXPM1, MODE_IDENTITY
+from gpusc._kernels.moments import (
+    COUNT_NONE,
+    COUNT_NONZERO,
+    COUNT_POSITIVE,
+    MODE_CLIP,
+    MODE_EXPM1,
+    MODE_IDENTITY,
+)
 
 V_TYPES = [np.float32, np.float64]
 I_TYPES = [np.int32, np.int64]
@@ -71,24 +79,9 @@ def _csr(x, index_type):
     return m
 
 
-def _definition(x, codes, mode, scale, clip, count):
-    n_groups = max(int(codes.max()) + 1, N_GROUPS if codes.min() < 0 else 1)
-    s, s2, n = (np.zeros((n_groups, x.shape[1])) for _ in range(3))
-    for g in range(n_groups):
-        xg = x[codes == g]
-        if mode == MODE_EXPM1:
-            f = np.expm1((xg * np.float64(scale)).astype(x.dtype)).astype(np.float64)
-        elif mode == MODE_CLIP:
-            f = np.minimum(xg.astype(np.float64), clip[g])
-        else:
-            f = xg.astype(np.float64)
-        s[g], s2[g] = f.sum(axis=0), (f * f).sum(axis=0)
-        n[g] = (xg > 0).sum(axis=0) if count == COUNT_POSITIVE else (xg != 0).sum(axis=0)
-    return s, s2, n
-
-
 def _check(got, x, codes, mode, scale, clip, count, rtol=0.0):
-    s, s2, n = _definition(x, codes, mode, scale, clip, count)
+    n_groups = max(int(codes.max()) + 1, N_GROUPS if codes.min() < 0 else 1)
+    s, s2, n = definition(x, codes, n_groups, mode, scale, clip, count)
     if rtol:
         np.testing.assert_allclose(got.sum, s, rtol=rtol)
         np.testing.assert_allclose(got.sum_sq, s2, rtol=rtol)

@@ -283,6 +283,16 @@ def _counted(v, count):
     return count == COUNT_NONZERO and v != 0
 
 
+@numba.njit(inline="always")
+def _accumulate(acc, i, j, v, f, squares, count, at_count):
+    """Adds value v (transformed: f) to the sums acc[i, j, :] (sum, squares, count)."""
+    acc[i, j, 0] += f
+    if squares:
+        acc[i, j, 1] += f * f
+    if count != COUNT_NONE and _counted(v, count):
+        acc[i, j, at_count] += 1.0  # a count, exact in double below 2^53
+
+
 @numba.njit(parallel=True, cache=True)
 def _moments_rows_host(data, indices, indptr, n_cols, rows, slice_start, slice_group, mode,
                        scale, clip, single, check_integer, squares, count):
@@ -315,12 +325,8 @@ def _moments_rows_host(data, indices, indptr, n_cols, rows, slice_start, slice_g
                 bad |= _integer_flag(v, check_integer)
                 negative |= np.signbit(v)
                 total += v
-                f = _transform(v, mode, scale, clip[b, col], single)
-                part[k, col, 0] += f
-                if squares:
-                    part[k, col, 1] += f * f
-                if count != COUNT_NONE and _counted(v, count):
-                    part[k, col, at_count] += 1.0  # exact in double below 2^53
+                _accumulate(part, k, col, v, _transform(v, mode, scale, clip[b, col], single),
+                            squares, count, at_count)
         sign[k] = negative
         v_sum[k] = total
         flags[k] = bad
@@ -337,7 +343,7 @@ def _moments_csc_host(data, indices, indptr, n_cols, codes, n_groups, mode, scal
     # with code -1 are left out.
     n_arrays = 1 + (1 if squares else 0) + (1 if count != COUNT_NONE else 0)
     at_count = n_arrays - 1
-    out = np.zeros((n_arrays, n_groups, n_cols))
+    out = np.zeros((n_groups, n_cols, n_arrays))
     sign = np.zeros(max(n_cols, 1), np.bool_)
     v_sum = np.zeros(max(n_cols, 1))
     flags = np.zeros(max(n_cols, 1), np.int64)
@@ -353,19 +359,15 @@ def _moments_csc_host(data, indices, indptr, n_cols, codes, n_groups, mode, scal
             bad |= _integer_flag(v, check_integer)
             negative |= np.signbit(v)
             total += v
-            f = _transform(v, mode, scale, clip[b, g], single)
-            out[0, b, g] += f
-            if squares:
-                out[1, b, g] += f * f
-            if count != COUNT_NONE and _counted(v, count):
-                out[at_count, b, g] += 1.0
+            _accumulate(out, b, g, v, _transform(v, mode, scale, clip[b, g], single), squares,
+                        count, at_count)
         sign[g] = negative
         v_sum[g] = total
         flags[g] = bad
     flag = 0
     for f in flags:
         flag |= f
-    return out, v_sum.sum(), sign.any(), flag
+    return out.transpose(2, 0, 1).copy(), v_sum.sum(), sign.any(), flag
 
 
 # ---------------------------------------------------------------- device

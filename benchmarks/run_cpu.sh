@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU benchmarks committed in benchmarks/results/ (dev box: 2 cores, shared; see docs/benchmarks.md).
 # Run from the repository root with gpusc and its bench extra installed (make venv).
-# Usage: bash benchmarks/run_cpu.sh [pipeline|sweep|features|pca|synthetic|all]   (default all)
+# Usage: bash benchmarks/run_cpu.sh [pipeline|sweep|features|pca|graph|synthetic|all]   (default all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPUSC=${GPUSC:-gpusc}
@@ -28,6 +28,10 @@ fi
 if [[ $what == pca || $what == all ]]; then
   # sparse and dense pca, neighbors with recall against exact search
   "$PYTHON" benchmarks/bench_pca_neighbors.py --repeats 3 --out "$OUT/cpu-dev-pca-neighbors-50k.json"
+fi
+if [[ $what == graph || $what == all ]]; then
+  # host work of tl.umap + tl.leiden's GPU paths on a synthetic 1M-node kNN graph (budget: 1 s)
+  "$PYTHON" benchmarks/bench_graph_host.py --before --out "$OUT/cpu-dev-graph-host-1000k.json"
 fi
 if [[ $what == synthetic || $what == all ]]; then
   "$PYTHON" benchmarks/time_synthetic.py --out "$OUT/cpu-dev-synthetic-200k.json"

@@ -89,6 +89,15 @@ def scale():
     gpusc.pp.normalize_pearson_residuals(a)
 
 
+def aggregate():
+    import gpusc
+
+    a = _adata()
+    a.obs["group"] = (np.arange(a.n_obs) % 5).astype(str)
+    a.obs["group"] = a.obs["group"].astype("category")
+    gpusc.get.aggregate(a, "group", ["sum", "var", "count_nonzero", "median"])
+
+
 def gram():
     import gpusc
 
@@ -127,7 +136,7 @@ def umap():
 
 
 FAMILIES = {"qc": qc, "normalize": normalize, "moments": moments, "hvg": hvg, "scale": scale,
-            "gram": gram, "topk": topk, "connectivity": connectivity, "umap": umap}
+            "aggregate": aggregate, "gram": gram, "topk": topk, "connectivity": connectivity, "umap": umap}
 
 
 def main(argv: list[str]) -> int:

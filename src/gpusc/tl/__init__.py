@@ -2,6 +2,7 @@
 
 from ..pp._pca import pca
 from ._leiden import leiden, louvain
+from ._score_genes import score_genes, score_genes_cell_cycle
 from ._umap import umap
 
-__all__ = ["pca", "leiden", "louvain", "umap"]
+__all__ = ["pca", "leiden", "louvain", "score_genes", "score_genes_cell_cycle", "umap"]

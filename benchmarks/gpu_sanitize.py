@@ -93,9 +93,26 @@ def aggregate():
     import gpusc
 
     a = _adata()
-    a.obs["group"] = (np.arange(a.n_obs) % 5).astype(str)
-    a.obs["group"] = a.obs["group"].astype("category")
+    a.obs["group"] = pd_categories(np.arange(a.n_obs) % 5)
     gpusc.get.aggregate(a, "group", ["sum", "var", "count_nonzero", "median"])
+
+
+def rank_genes():
+    import gpusc
+
+    a = _adata()
+    gpusc.pp.normalize_total(a)
+    gpusc.pp.log1p(a)
+    a.obs["group"] = pd_categories(np.arange(a.n_obs) % 4)
+    for method in ("t-test", "wilcoxon"):
+        gpusc.tl.rank_genes_groups(a, "group", method=method, pts=True)
+    gpusc.tl.rank_genes_groups(a, "group", method="wilcoxon", reference="1", tie_correct=True)
+
+
+def pd_categories(codes):
+    import pandas as pd
+
+    return pd.Categorical(codes.astype(str))
 
 
 def gram():
@@ -136,7 +153,7 @@ def umap():
 
 
 FAMILIES = {"qc": qc, "normalize": normalize, "moments": moments, "hvg": hvg, "scale": scale,
-            "aggregate": aggregate, "gram": gram, "topk": topk, "connectivity": connectivity, "umap": umap}
+            "aggregate": aggregate, "rank_genes": rank_genes, "gram": gram, "topk": topk, "connectivity": connectivity, "umap": umap}
 
 
 def main(argv: list[str]) -> int:

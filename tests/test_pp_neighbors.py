@@ -8,8 +8,8 @@ import anndata as ad
 import numpy as np
 import pytest
 import scanpy as sc
+from scanpy.neighbors import _connectivity as sc_connectivity  # its jaccard: scanpy 1.12 only
 from scanpy.neighbors._connectivity import gauss as sc_gauss
-from scanpy.neighbors._connectivity import jaccard as sc_jaccard
 from scanpy.neighbors._connectivity import umap as sc_umap
 from scipy import sparse
 from sklearn.neighbors import NearestNeighbors
@@ -22,6 +22,9 @@ from gpusc._settings import resolve_device
 
 METRICS = ["euclidean", "sqeuclidean", "cosine", "manhattan"]
 DEVICES = ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]
+CONNECTIVITY_METHODS = ["umap", "gauss", pytest.param("jaccard", marks=pytest.mark.scanpy_112(
+    "scanpy 1.11's neighbors has no method='jaccard' (only umap and gauss)"))]
+PRECOMPUTED_112 = pytest.mark.scanpy_112("scanpy 1.11's neighbors has no distances= argument")
 
 
 def blobs(n=1500, dim=20, centers=6, dtype=np.float32, seed=0):
@@ -284,7 +287,7 @@ def assert_csr_close(ours, ref, *, rtol, atol=0.0):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", ["umap", "gauss", "jaccard"])
+@pytest.mark.parametrize("method", CONNECTIVITY_METHODS)
 @pytest.mark.parametrize("metric", METRICS)
 def test_neighbors_equals_scanpy_sklearn(metric, method, device):
     x = blobs(n=600, dim=15, dtype=np.float64)
@@ -303,27 +306,27 @@ def test_neighbors_equals_scanpy_sklearn(metric, method, device):
     assert_csr_close(c, rc, rtol=1e-6 if method == "umap" else 1e-12)
 
 
+@pytest.mark.parametrize("method", CONNECTIVITY_METHODS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_connectivities_from_the_same_knn(pbmc_pca, dtype, device):
+def test_connectivities_from_the_same_knn(pbmc_pca, dtype, device, method):
     """umap/gauss/jaccard connectivities equal scanpy's computed from our own kNN arrays."""
     x = pbmc_pca.astype(dtype)
     adata = anndata_with_pca(x)
     k = 15
     idx, dist, _ = knn_host(x, k, "euclidean")
     n = x.shape[0]
-    for method in ("umap", "gauss", "jaccard"):
-        gpusc.pp.neighbors(adata, n_neighbors=k, method=method, key_added=method, device=device)
-        ours = adata.obsp[f"{method}_connectivities"]
-        if method == "umap":
-            ref = sc_umap(idx, dist, n_obs=n, n_neighbors=k)
-        elif method == "gauss":
-            ref = sc_gauss(adata.obsp[f"{method}_distances"].copy(), k, knn=True)  # it sorts in place
-        else:
-            ref = sc_jaccard(idx, n_obs=n, n_neighbors=k)
-        # measured: umap 1.2e-7 (float32 sums in another order, as above); gauss, jaccard 0
-        assert_csr_close(ours, ref.tocsr(), rtol=1e-6 if method == "umap" else 1e-12)
-        np.testing.assert_array_equal(adata.obsp[f"{method}_distances"].indices, idx[:, 1:].ravel())
+    gpusc.pp.neighbors(adata, n_neighbors=k, method=method, key_added=method, device=device)
+    ours = adata.obsp[f"{method}_connectivities"]
+    if method == "umap":
+        ref = sc_umap(idx, dist, n_obs=n, n_neighbors=k)
+    elif method == "gauss":
+        ref = sc_gauss(adata.obsp[f"{method}_distances"].copy(), k, knn=True)  # it sorts in place
+    else:
+        ref = sc_connectivity.jaccard(idx, n_obs=n, n_neighbors=k)
+    # measured: umap 1.2e-7 (float32 sums in another order, as above); gauss, jaccard 0
+    assert_csr_close(ours, ref.tocsr(), rtol=1e-6 if method == "umap" else 1e-12)
+    np.testing.assert_array_equal(adata.obsp[f"{method}_distances"].indices, idx[:, 1:].ravel())
 
 
 def test_key_added_copy_n_pcs_and_use_rep():
@@ -398,8 +401,9 @@ def with_warnings(call):
     return [(w.category, str(w.message)) for w in caught if not issubclass(w.category, DeprecationWarning)]
 
 
-@pytest.mark.parametrize("method", ["umap", "gauss", "jaccard"])
+@pytest.mark.parametrize("method", CONNECTIVITY_METHODS)
 @pytest.mark.parametrize("kind", ["dense", "dense-float32", "knn30", "knn30-sorted-float32", "ragged"])
+@PRECOMPUTED_112
 def test_precomputed_distances_equal_scanpy(pbmc_distances, kind, method):
     d = pbmc_distances[kind]
     before = d.copy()
@@ -432,6 +436,7 @@ def test_precomputed_distances_equal_scanpy(pbmc_distances, kind, method):
         np.testing.assert_array_equal(conn, ref_conn)  # dense gauss: the same NumPy expressions
 
 
+@PRECOMPUTED_112
 def test_precomputed_distances_warn_of_ignored_parameters(pbmc_distances):
     d = pbmc_distances["knn30"]
     ours, ref = ad.AnnData(np.zeros((800, 3), np.float32)), ad.AnnData(np.zeros((800, 3), np.float32))

@@ -11,7 +11,7 @@ import scanpy as sc
 from scipy import sparse
 
 import gpusc
-from _compare import dense, to_host
+from _compare import dense, scanpy_input, to_host
 from conftest import read_real, synthetic_counts, tolerance
 from gpusc._kernels.moments import gene_moments
 from gpusc._kernels.scale import scale_csr_to_dense
@@ -43,7 +43,7 @@ def _pair(x, array_type, dtype, seed=0):
     mask = np.random.default_rng(seed).random(x.shape[0]) < 0.6
     ours.obs["keep"] = mask
     theirs = ours.copy()
-    theirs.X = to_host(theirs.X)
+    theirs.X = scanpy_input(to_host(theirs.X))
     return ours, theirs, mask
 
 
@@ -85,7 +85,7 @@ def test_scale_array_input_and_copy(host_type, copy):
     before = dense(x).copy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        expected = sc.pp.scale(host_type(before.copy()), max_value=3)
+        expected = sc.pp.scale(scanpy_input(host_type(before)), max_value=3)
         got = gpusc.pp.scale(x, max_value=3, copy=copy)
     np.testing.assert_allclose(dense(got), dense(expected), **tolerance(np.float32))
     if copy:

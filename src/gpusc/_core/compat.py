@@ -27,10 +27,16 @@ VIEW_WARNING = "Received a view of an AnnData. Making a copy."
 
 def warn(message: str, category: type[Warning]) -> None:
     """A warning attributed to the first frame outside gpusc (the caller's own line)."""
+    skip = (_PACKAGE_DIR, _LEGACY_DIR)
     if sys.version_info >= (3, 12):
-        warnings.warn(message, category, skip_file_prefixes=(_PACKAGE_DIR, _LEGACY_DIR))
-    else:  # no skip_file_prefixes: the frame above the public function is close enough
-        warnings.warn(message, category, stacklevel=3)
+        warnings.warn(message, category, skip_file_prefixes=skip)
+        return
+    # Python 3.11 has no skip_file_prefixes: count the frames it would skip. stacklevel 2 is
+    # warn's caller; each frame inside gpusc or legacy_api_wrap moves it one further out.
+    frame, stacklevel = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, stacklevel = frame.f_back, stacklevel + 1
+    warnings.warn(message, category, stacklevel=stacklevel)
 
 
 def view_to_actual(adata: AnnData) -> None:

@@ -63,6 +63,19 @@ def scanpy_input(x):
     return x.copy()
 
 
+def scanpy_float64_input(x):
+    """The host matrix ``x`` for a scanpy step that must sum float32 values in float64, as
+    scanpy 1.12 does (rank_genes_groups' t-test moments, score_genes' means). scanpy 1.11
+    (Python 3.11) sums them in float32: its t-test variance (``_get_mean_var``) squares float32
+    values in float32 and takes E[x²] - E[x]², and score_genes' sparse means are SciPy's
+    ``sum(dtype="float64")``, which SciPy 1.17 accumulates in float32. There it gets a float64
+    copy of the same values (exact), whose result scanpy 1.12 gives for both; elsewhere, and
+    for any other dtype, ``x`` itself."""
+    if SCANPY_112 or x.dtype != np.float32:
+        return x
+    return x.astype(np.float64)
+
+
 def make_pair(x_host: np.ndarray, array_type, **kwargs):
     """Two identical AnnData objects: one for scanpy (host twin) and one for gpusc (``array_type``).
 
@@ -240,6 +253,7 @@ __all__ = [
     "make_pair",
     "quiet",
     "run_recording",
+    "scanpy_float64_input",
     "scanpy_input",
     "snapshot",
     "to_host",

@@ -27,7 +27,12 @@ import pandas as pd
 import pytest
 import scanpy as sc
 import scanpy.logging
-from _compare import assert_same_signature, assert_unchanged, snapshot
+from _compare import (
+    assert_same_signature,
+    assert_unchanged,
+    scanpy_float64_input,
+    snapshot,
+)
 from conftest import read_real
 from scipy import sparse
 
@@ -39,6 +44,11 @@ KEY = "rank_genes_groups"
 
 def _scanpy(adata, *args, **kwargs):
     ref = adata.copy()
+    if kwargs.get("method") in (None, "t-test", "t-test_overestim_var"):
+        # scanpy 1.11's t-test moments sum float32 in float32: it gets float64 copies
+        ref.X = scanpy_float64_input(ref.X)
+        for name in [n for n in ref.layers if n is not None]:  # anndata 0.13 lists X as None
+            ref.layers[name] = scanpy_float64_input(ref.layers[name])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sc.tl.rank_genes_groups(ref, *args, **kwargs)

@@ -15,7 +15,7 @@ def get_matrix(adata: AnnData, *, layer: str | None = None, obsm: str | None = N
         raise ValueError(f"{func}: only one of `layer`, `obsm` or `use_raw` can be specified")
     if layer is not None:
         if layer not in adata.layers:
-            raise KeyError(f"{func}: layer={layer!r} not found; adata.layers has {list(adata.layers)}")
+            raise KeyError(f"{func}: layer={layer!r} not found; adata.layers has {[k for k in adata.layers if k is not None]}")  # anndata 0.13 lists X as None
         return adata.layers[layer]
     if obsm is not None:
         if obsm not in adata.obsm:

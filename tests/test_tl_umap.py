@@ -11,6 +11,7 @@ test_on_threads_scale_qc_umap.py (bit-identical to the twin).
 from __future__ import annotations
 
 
+import numba
 import numpy as np
 import pytest
 import scanpy as sc
@@ -69,6 +70,28 @@ def test_twin_deterministic(pbmc, ours_cpu):
     gpusc.tl.umap(other, method="gpusc", device="cpu", random_state=1, maxiter=50)
     assert not np.array_equal(other.obsm["X_umap"], ours_cpu.obsm["X_umap"])
     assert other.uns["umap"]["params"]["random_state"] == 1
+
+
+def test_twin_same_layout_for_any_thread_count(pbmc_graph):
+    # The host optimiser splits each epoch's edges into one block per numba thread; the
+    # moves are summed as integers, so 1, 2 or 3 threads must give the same bytes.
+    g = pbmc_graph.obsp["connectivities"].tocoo()
+    head, tail = g.row.astype(np.int32), g.col.astype(np.int32)
+    eps = _kumap.epochs_per_sample(g.data.astype(np.float64), 50)
+    start = np.random.default_rng(0).uniform(0, 10, (g.shape[0], 2)).astype(np.float32)
+    layouts = []
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, 2, min(3, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            layouts.append(_kumap.optimize_layout_host(start, head, tail, eps, 50, 1.6, 0.9, 1.0,
+                                                       1.0, 5.0, 3))
+    finally:
+        numba.set_num_threads(before)
+    assert head.size > 3 * 1024  # enough edges for one block per thread
+    assert not np.array_equal(layouts[0], start)
+    for other in layouts[1:]:
+        np.testing.assert_array_equal(other, layouts[0])
 
 
 def test_init_pos_array_and_key(pbmc):

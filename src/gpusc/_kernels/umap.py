@@ -136,12 +136,15 @@ def optimize_layout_host(embedding, head, tail, eps, n_epochs: int, a: float, b:
     """The layout after ``n_epochs`` epochs, as a new float32 (n, dim) array.
 
     ``eps`` are the epochs per sample of each edge (:func:`epochs_per_sample`); edges
-    with eps ≤ 0 are never sampled. Runs on one core: the edges of an epoch in order,
-    each adding its moves to an int64 accumulator, then the embedding update.
+    with eps ≤ 0 are never sampled. Each epoch splits the edges into one block per numba
+    thread, each adding its moves to its own int64 accumulator, then sums the accumulators
+    into the embedding: integer sums do not depend on their order, so the layout is the
+    same for any number of threads (and the same as the CUDA kernel's).
     """
     emb, head, tail, eps, eps_neg = _prepare(embedding, head, tail, eps, negative_sample_rate)
+    n_blocks = max(1, min(numba.get_num_threads(), head.size // 1024))
     _optimize_host(emb, head, tail, eps, eps_neg, int(n_epochs), float(a), float(b),
-                   float(gamma), float(alpha), np.uint64(seed))
+                   float(gamma), float(alpha), np.uint64(seed), n_blocks)
     return emb
 
 
@@ -172,56 +175,69 @@ def _fixed(move):
     return np.int64(np.floor(move * FIXED_SCALE + 0.5))
 
 
-@numba.njit(cache=True)
-def _optimize_host(emb, head, tail, eps, eps_neg, n_epochs, a, b, gamma, alpha0, seed):
+@numba.njit(cache=True, parallel=True)
+def _optimize_host(emb, head, tail, eps, eps_neg, n_epochs, a, b, gamma, alpha0, seed, n_blocks):
     n_vertices, dim = emb.shape
     n_edges = head.shape[0]
-    acc = np.zeros((n_vertices, dim), np.int64)
+    acc = np.zeros((n_blocks, n_vertices, dim), np.int64)  # one accumulator per block of edges
     next_sample = eps.copy()
     next_negative = eps_neg.copy()
     for epoch in range(n_epochs):
         alpha = alpha0 * (1.0 - float(max(epoch - 1, 0)) / float(n_epochs))  # as umap-learn
         n = float(epoch)
-        for e in range(n_edges):
-            if next_sample[e] > n:
-                continue
-            j = np.int64(head[e])
-            k = np.int64(tail[e])
-            d2 = 0.0
+        for block in numba.prange(n_blocks):
+            _epoch_edges(emb, head, tail, eps, eps_neg, next_sample, next_negative, acc[block],
+                         n_edges * block // n_blocks, n_edges * (block + 1) // n_blocks,
+                         epoch, n, alpha, a, b, gamma, seed)
+        for i in numba.prange(n_vertices):
             for d in range(dim):
-                diff = np.float64(emb[j, d]) - np.float64(emb[k, d])
-                d2 += diff * diff
-            coeff = 0.0
-            if d2 > 0.0:
-                coeff = -2.0 * a * b * d2 ** (b - 1.0)
-                coeff /= a * d2 ** b + 1.0
-            for d in range(dim):
-                g = _clip(coeff * (np.float64(emb[j, d]) - np.float64(emb[k, d]))) * alpha
-                acc[j, d] += _fixed(g)
-                acc[k, d] += _fixed(-g)
-            next_sample[e] += eps[e]
-            n_neg = np.int64((n - next_negative[e]) / eps_neg[e])
-            for p in range(n_neg):
-                kk = _negative_vertex(seed, epoch, e, p, n_vertices)
-                if kk == j:
-                    continue
-                d2 = 0.0
-                for d in range(dim):
-                    diff = np.float64(emb[j, d]) - np.float64(emb[kk, d])
-                    d2 += diff * diff
-                if d2 <= 0.0:
-                    continue
-                coeff = 2.0 * gamma * b / ((0.001 + d2) * (a * d2 ** b + 1.0))
-                for d in range(dim):
-                    g = _clip(coeff * (np.float64(emb[j, d]) - np.float64(emb[kk, d]))) * alpha
-                    acc[j, d] += _fixed(g)
-            next_negative[e] += np.float64(n_neg) * eps_neg[e]
-        for i in range(n_vertices):
-            for d in range(dim):
-                q = acc[i, d]
+                q = np.int64(0)
+                for block in range(n_blocks):
+                    q += acc[block, i, d]
+                    acc[block, i, d] = 0
                 if q != 0:
                     emb[i, d] = np.float32(np.float64(emb[i, d]) + np.float64(q) * (1.0 / FIXED_SCALE))
-                    acc[i, d] = 0
+
+
+@numba.njit(cache=True)
+def _epoch_edges(emb, head, tail, eps, eps_neg, next_sample, next_negative, acc, first, stop,
+                 epoch, n, alpha, a, b, gamma, seed):
+    """One epoch's moves of the edges first..stop-1, added to ``acc`` (emb is only read)."""
+    n_vertices, dim = emb.shape
+    for e in range(first, stop):
+        if next_sample[e] > n:
+            continue
+        j = np.int64(head[e])
+        k = np.int64(tail[e])
+        d2 = 0.0
+        for d in range(dim):
+            diff = np.float64(emb[j, d]) - np.float64(emb[k, d])
+            d2 += diff * diff
+        coeff = 0.0
+        if d2 > 0.0:
+            coeff = -2.0 * a * b * d2 ** (b - 1.0)
+            coeff /= a * d2 ** b + 1.0
+        for d in range(dim):
+            g = _clip(coeff * (np.float64(emb[j, d]) - np.float64(emb[k, d]))) * alpha
+            acc[j, d] += _fixed(g)
+            acc[k, d] += _fixed(-g)
+        next_sample[e] += eps[e]
+        n_neg = np.int64((n - next_negative[e]) / eps_neg[e])
+        for p in range(n_neg):
+            kk = _negative_vertex(seed, epoch, e, p, n_vertices)
+            if kk == j:
+                continue
+            d2 = 0.0
+            for d in range(dim):
+                diff = np.float64(emb[j, d]) - np.float64(emb[kk, d])
+                d2 += diff * diff
+            if d2 <= 0.0:
+                continue
+            coeff = 2.0 * gamma * b / ((0.001 + d2) * (a * d2 ** b + 1.0))
+            for d in range(dim):
+                g = _clip(coeff * (np.float64(emb[j, d]) - np.float64(emb[kk, d]))) * alpha
+                acc[j, d] += _fixed(g)
+        next_negative[e] += np.float64(n_neg) * eps_neg[e]
 
 
 # ---------------------------------------------------------------- device (CuPy + kernels/umap.cu)

@@ -152,8 +152,37 @@ def umap():
     gpusc.tl.umap(a, maxiter=5, device="gpu")
 
 
+def density():
+    import anndata as ad
+
+    import gpusc
+
+    # 300 cells in two groups: a partial last tile of the kde_sums kernel in each
+    rng = np.random.default_rng(4)
+    a = ad.AnnData(obsm={"X_umap": rng.normal(size=(300, 2)).astype(np.float32)})
+    a.obs["group"] = np.where(np.arange(300) < 170, "a", "b")
+    gpusc.tl.embedding_density(a, groupby="group", device="gpu")
+
+
+def harmony():
+    import anndata as ad
+
+    import gpusc
+
+    # 403 cells (a partial last tile), two keys; then 70 batches x 80 clusters, whose per-batch
+    # sums pass the shared-memory limit and go to global memory
+    rng = np.random.default_rng(5)
+    a = ad.AnnData(obsm={"X_pca": rng.normal(size=(403, 12))})
+    a.obs["batch"] = np.where(np.arange(403) % 3 == 0, "a", "b")
+    a.obs["donor"] = np.array(["d0", "d1", "d2"])[np.arange(403) % 3]
+    gpusc.pp.harmony_integrate(a, ["batch", "donor"], nclust=7, max_iter_harmony=2, device="gpu")
+    b = ad.AnnData(obsm={"X_pca": rng.normal(size=(1400, 12))})
+    b.obs["batch"] = [f"b{i % 70}" for i in range(1400)]
+    gpusc.pp.harmony_integrate(b, "batch", nclust=80, max_iter_harmony=1, device="gpu")
+
 FAMILIES = {"qc": qc, "normalize": normalize, "moments": moments, "hvg": hvg, "scale": scale,
-            "aggregate": aggregate, "rank_genes": rank_genes, "gram": gram, "topk": topk, "connectivity": connectivity, "umap": umap}
+            "aggregate": aggregate, "rank_genes": rank_genes, "gram": gram, "topk": topk, "connectivity": connectivity, "umap": umap,
+            "density": density, "harmony": harmony}
 
 
 def main(argv: list[str]) -> int:

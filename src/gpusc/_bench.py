@@ -317,6 +317,14 @@ BENCH_STEPS: tuple[BenchStep, ...] = (
               lambda sc, a: sc.tl.leiden(a),
               _with_device("leiden", "tl"),
               lambda r, a: r.tl.leiden(a), on_x=False),
+    BenchStep("diffmap", (), "tl", "diffmap",
+              lambda sc, a: sc.tl.diffmap(a),
+              lambda g, a, d: g.tl.diffmap(a, device=d),
+              lambda r, a: r.tl.diffmap(a), on_x=False),
+    BenchStep("embedding_density", ("density",), "tl", "embedding_density",
+              lambda sc, a: sc.tl.embedding_density(a),
+              lambda g, a, d: g.tl.embedding_density(a, device=d),
+              None, on_x=False),
 )
 PREPROCESS = ("calculate_qc_metrics", "filter_cells", "filter_genes", "normalize_total", "log1p",
               "highly_variable_genes", "filter_highly_variable", "scale")
@@ -478,6 +486,12 @@ def compare_outputs(step: BenchStep, outputs: dict) -> dict:
             hs = sc_out.var["highly_variable"].to_numpy(bool)
             hg = gs_out.var["highly_variable"].to_numpy(bool)
             out["hvg_disagreements"] = int(np.sum(hs != hg))
+        elif step.name == "diffmap":
+            ev_s, ev_g = np.asarray(sc_out.uns["diffmap_evals"]), np.asarray(gs_out.uns["diffmap_evals"])
+            out["max_rel_eigenvalue_diff"] = float(np.max(np.abs(ev_g - ev_s) / np.abs(ev_s)))
+        elif step.name == "embedding_density":
+            out["max_abs_density_diff"] = float(np.max(np.abs(
+                sc_out.obs["umap_density"].to_numpy() - gs_out.obs["umap_density"].to_numpy())))
         elif step.name != "umap":
             out["max_abs_diff_X"] = _max_abs_diff_X(sc_out, gs_out)
     except Exception as err:  # a comparison must not sink the timings

@@ -1,6 +1,8 @@
 # Two commands on a fresh machine:
 #   make run    install into .venv and run the main job (`gpusc run`)
 #   make test   install into .venv and run the test suite
+#   make docs   build the docs site into docs/_build/html (warnings are errors)
+#   make notebooks  execute notebooks/*.ipynb and store their outputs (the docs render them)
 # Override the interpreter with `make PYTHON=/path/to/python3.12 test`.
 # On a machine with a GPU:
 #   make test-gpu   also install CuPy and RMM (GPU_EXTRA=cu13, or cu12 for CUDA 12) and run
@@ -32,7 +34,7 @@ endif
 GPU_EXTRA ?= cu13
 GPU_STAMP := $(VENV)/.installed-$(GPU_EXTRA)
 
-.PHONY: venv run test test-gpu clean
+.PHONY: venv run test test-gpu docs notebooks clean
 
 venv: $(STAMP)
 
@@ -46,7 +48,7 @@ $(VENV)/bin/python:
 
 # Reinstalls only when pyproject.toml changes; the editable install picks up source edits.
 $(STAMP): pyproject.toml | $(VENV)/bin/python
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --progress-bar off -e '.[test,bench]'
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --progress-bar off -e '.[test,bench,docs]'
 	touch $@
 
 run: $(STAMP)
@@ -62,5 +64,14 @@ $(GPU_STAMP): pyproject.toml $(STAMP)
 test-gpu: $(GPU_STAMP)
 	GPUSC_REQUIRE_GPU=1 $(VENV)/bin/python -m pytest -q -m gpu
 
+# tests/test_docs.py runs the same build into a temporary folder.
+docs: $(STAMP)
+	$(VENV)/bin/python -m sphinx -W --keep-going -b html docs docs/_build/html
+	@echo "open docs/_build/html/index.html"
+
+# Reads pbmc3k from $$GPUSC_DATA (else scanpy downloads it); tests/test_notebooks.py runs them too.
+notebooks: $(STAMP)
+	cd notebooks && for nb in *.ipynb; do ../$(VENV)/bin/jupyter-execute --inplace --timeout=600 "$$nb" || exit 1; done
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) docs/_build docs/generated

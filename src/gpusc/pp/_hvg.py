@@ -70,7 +70,7 @@ def highly_variable_genes(
     with its defaults ``theta=100, clip=None`` (scanpy 1.12's ``sc.pp.highly_variable_genes``
     does not accept this flavor; :func:`gpusc.pp.highly_variable_genes_pearson_residuals`
     takes ``theta``, ``clip`` and ``chunksize`` as well): genes ranked by the
-    variance of their clipped analytic Pearson residuals (:cite:t:`Lause2021`), per batch
+    variance of their clipped analytic Pearson residuals (Lause et al. 2021), per batch
     with ``batch_key``, then by the number of batches in which they are among the top
     ``n_top_genes`` and their median rank there. The residual matrix is never built: one
     kernel pass gives each (batch, gene)'s residual sum and sum of squares in float64, the

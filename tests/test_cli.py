@@ -35,8 +35,10 @@ def synthetic_run(tmp_path_factory):
 
 REPORT_KEYS = {"command", "input", "device", "device_requested", "options", "steps", "skipped", "calls",
                "total_seconds", "timing_note", "host_peak_rss_gib", "device_peak_gib", "final_shape", "ari", "plot", "plot_note",
-               "machine", "versions", "platform", "result", "time"}
-STEP_KEYS = {"step", "status", "seconds", "n_obs", "n_vars", "host_peak_rss_gib", "device_peak_gib"}
+               "machine", "versions", "platform", "result", "time", "html", "numba", "load_seconds",
+               "write_seconds", "report_seconds", "run_seconds"}
+STEP_KEYS = {"step", "status", "seconds", "numba_compile_seconds", "n_obs", "n_vars", "host_peak_rss_gib",
+             "device_peak_gib", "warnings"}
 
 
 def test_run_synthetic_writes_report_and_result(synthetic_run):

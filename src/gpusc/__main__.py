@@ -1,25 +1,33 @@
-"""``gpusc run``: scanpy's standard pipeline on a counts .h5ad (or synthetic cells), timed step by step.
+"""``gpusc run``: scanpy's standard pipeline on raw counts (or synthetic cells), timed step by step.
 
 Usage::
 
-    gpusc run [INPUT.h5ad] [--out DIR] [--device auto|gpu|cpu] [--n-obs N] [--seed S]
+    gpusc run [INPUT] [--out DIR] [--device auto|gpu|cpu] [--n-obs N] [--seed S]
+              [--groupby COL] [--batch-key COL] [--qc-vars mt,ribo,hb]
               [--n-top-genes 2000] [--resolution 1.0] [--min-genes 100] [--min-cells 3]
     gpusc bench ...   (see gpusc._bench)
     python -m gpusc run ...
 
-Without INPUT the data are ``gpusc.datasets.synthetic(n_obs=N or 20_000, n_vars=5_000)``
-(cell types known: ``obs['cell_type']``); with INPUT and ``--n-obs`` the input is replaced
-by N new cells drawn from a model of it (``gpusc.datasets.resample``).
+INPUT is raw counts as an .h5ad file, a .zarr store, a 10x Cell Ranger .h5 file or a 10x
+folder (``matrix.mtx[.gz]`` with ``features.tsv[.gz]``/``genes.tsv`` and
+``barcodes.tsv[.gz]``), read with anndata's and scanpy's readers. Without INPUT the data
+are ``gpusc.datasets.synthetic(n_obs=N or 20_000, n_vars=5_000)`` (cell types known:
+``obs['cell_type']``); with INPUT and ``--n-obs`` the input is replaced by N new cells
+drawn from a model of it (``gpusc.datasets.resample``).
 
 The pipeline is the table ``STEPS``, with scanpy's defaults: QC, filter_cells,
-filter_genes, normalize_total, log1p, highly_variable_genes(n_top_genes), subset to the
-highly variable genes (as scanpy's tutorial), scale(max_value=10), pca, neighbors, umap,
-leiden(resolution). A step whose function gpusc does not have yet is listed as
-"skipped (not in gpusc yet)". Writes ``OUT/result.h5ad`` (host arrays),
-``OUT/report.json`` (per-step seconds, shapes, host peak RSS and device peak memory,
-device, versions; the ARI of the Leiden clusters against the known cell types on
-synthetic data) and ``OUT/umap.png`` (``sc.pl.umap`` coloured by cluster, when umap and
-leiden ran), and prints a table. Errors in the command line or the input exit with 2.
+filter_genes, normalize_total, log1p, highly_variable_genes(n_top_genes), ``adata.raw``
+and the subset to the highly variable genes (as scanpy's tutorial), scale(max_value=10),
+pca, neighbors, umap (gpusc's deterministic optimiser: the CUDA kernel, or its numba twin
+on the CPU), leiden (igraph's, scanpy's coming default), rank_genes_groups of the
+clusters. A step whose function gpusc does not have is listed as "skipped (not in gpusc
+yet)". Writes ``OUT/result.h5ad`` (host arrays), ``OUT/report.json`` (per-step seconds,
+numba compilation seconds, shapes, host peak RSS and device peak memory, warnings, device,
+versions; the ARI of the Leiden clusters against the known labels), ``OUT/report.html``
+(one self-contained page: the table, QC violins with the thresholds, the HVG plot, PCA
+variance ratio, UMAPs, marker genes; see :mod:`gpusc._report`) and ``OUT/umap.png``, and
+prints the table. Errors in the command line or the input are one line on stderr and exit
+code 2.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import json
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +47,31 @@ import numpy as np
 EXIT_USAGE = 2
 SKIPPED = "skipped (not in gpusc yet)"
 CLUSTER_KEY = "leiden"
+N_SYNTHETIC = 20_000
+
+# --qc-vars names that need no column in var: flags from the gene symbols, upper-cased so
+# that mouse symbols (mt-Nd1, Rps3, Hba-a1) match too; as scanpy's tutorial defines them.
+KNOWN_QC_VARS = {
+    "mt": ("mitochondrial: MT-", lambda names: names.str.startswith("MT-")),
+    "ribo": ("ribosomal: RPS, RPL", lambda names: names.str.startswith(("RPS", "RPL"))),
+    "hb": ("haemoglobin: ^HB[^(P)]", lambda names: names.str.contains("^HB[^(P)]", regex=True)),
+}
+
+EXAMPLES = """\
+examples:
+  gpusc run                                     20,000 synthetic cells (known cell types)
+  gpusc run pbmc3k.h5ad --groupby louvain       raw counts in an .h5ad; UMAP also coloured by obs['louvain']
+  gpusc run filtered_feature_bc_matrix.h5       a 10x Cell Ranger .h5 file
+  gpusc run filtered_feature_bc_matrix/         a 10x folder: matrix.mtx.gz, features.tsv.gz, barcodes.tsv.gz
+  gpusc run cells.zarr --batch-key sample       an anndata .zarr store; highly variable genes per batch
+  gpusc run cells.h5ad --qc-vars mt,ribo,hb     % of counts in mitochondrial, ribosomal, haemoglobin genes
+  gpusc run cells.h5ad --qc-vars mt,ercc=ERCC-  NAME=PREFIX flags the genes whose names start with PREFIX
+  gpusc run cells.h5ad --n-obs 200000 --groupby cell_type
+                                                200,000 new cells drawn from a model of each cell type
+
+Writes OUT/result.h5ad, OUT/report.json, OUT/report.html (open it in a browser) and OUT/umap.png.
+Errors in the arguments or the input: one line on stderr, exit code 2.
+"""
 
 
 class UsageError(Exception):
@@ -51,6 +85,7 @@ class Step:
     what: str  # the call, for the report
     module: str = "pp"  # gpusc.<module>.<attr> must exist for the step to run
     attr: str = ""
+    skip_if: Callable | None = None  # (adata) -> the reason to skip, or None
 
     def available(self) -> bool:
         import gpusc
@@ -58,30 +93,50 @@ class Step:
         return hasattr(getattr(gpusc, self.module), self.attr or self.name)
 
 
-def _subset_hv(g, adata, args) -> None:
+def _raw_and_subset_hv(g, adata, args) -> None:
+    adata.raw = adata  # log-normalised, every gene: what rank_genes_groups reads (a host copy on the GPU)
     g.pp.filter_highly_variable(adata)
 
 
+def _one_cluster(adata) -> str | None:
+    if CLUSTER_KEY in adata.obs and adata.obs[CLUSTER_KEY].nunique() < 2:
+        return "skipped (one Leiden cluster: no groups to compare)"
+    return None
+
+
 STEPS: list[Step] = [
-    Step("calculate_qc_metrics", lambda g, a, args: g.pp.calculate_qc_metrics(a, qc_vars=["mt"], inplace=True),
-         "pp.calculate_qc_metrics(adata, qc_vars=['mt'], inplace=True)"),
+    Step("calculate_qc_metrics",
+         lambda g, a, args: g.pp.calculate_qc_metrics(a, qc_vars=args.qc_var_keys, inplace=True),
+         "pp.calculate_qc_metrics(adata, qc_vars=QC_VARS, inplace=True)"),
     Step("filter_cells", lambda g, a, args: g.pp.filter_cells(a, min_genes=args.min_genes),
          "pp.filter_cells(adata, min_genes=MIN_GENES)"),
     Step("filter_genes", lambda g, a, args: g.pp.filter_genes(a, min_cells=args.min_cells),
          "pp.filter_genes(adata, min_cells=MIN_CELLS)"),
     Step("normalize_total", lambda g, a, args: g.pp.normalize_total(a), "pp.normalize_total(adata)"),
     Step("log1p", lambda g, a, args: g.pp.log1p(a), "pp.log1p(adata)"),
-    Step("highly_variable_genes", lambda g, a, args: g.pp.highly_variable_genes(a, n_top_genes=args.n_top_genes),
-         "pp.highly_variable_genes(adata, n_top_genes=N_TOP_GENES)"),
-    Step("filter_highly_variable", _subset_hv,
-         "pp.filter_highly_variable(adata)  # = adata[:, adata.var.highly_variable], as scanpy's tutorial"),
+    Step("highly_variable_genes",
+         lambda g, a, args: g.pp.highly_variable_genes(a, n_top_genes=args.n_top_genes, batch_key=args.batch_key),
+         "pp.highly_variable_genes(adata, n_top_genes=N_TOP_GENES, batch_key=BATCH_KEY)"),
+    Step("filter_highly_variable", _raw_and_subset_hv,
+         "adata.raw = adata; pp.filter_highly_variable(adata)  # as scanpy's tutorial: raw keeps every gene "
+         "for the marker genes, X the highly variable ones"),
     Step("scale", lambda g, a, args: g.pp.scale(a, max_value=10), "pp.scale(adata, max_value=10)"),
     Step("pca", lambda g, a, args: g.pp.pca(a), "pp.pca(adata)"),
     Step("neighbors", lambda g, a, args: g.pp.neighbors(a), "pp.neighbors(adata)"),
-    Step("umap", lambda g, a, args: g.tl.umap(a), "tl.umap(adata)", module="tl"),
-    Step("leiden", lambda g, a, args: g.tl.leiden(a, resolution=args.resolution),
-         "tl.leiden(adata, resolution=RESOLUTION)", module="tl"),
+    Step("umap", lambda g, a, args: g.tl.umap(a, method="gpusc"),
+         "tl.umap(adata, method='gpusc')  # gpusc's deterministic optimiser: CUDA, or its numba twin on the CPU",
+         module="tl"),
+    Step("leiden",
+         lambda g, a, args: g.tl.leiden(a, resolution=args.resolution, flavor="igraph", n_iterations=2,
+                                        directed=False),
+         "tl.leiden(adata, resolution=RESOLUTION, flavor='igraph', n_iterations=2, directed=False)"
+         "  # scanpy's coming default", module="tl"),
+    Step("rank_genes_groups", lambda g, a, args: g.tl.rank_genes_groups(a, CLUSTER_KEY),
+         f"tl.rank_genes_groups(adata, {CLUSTER_KEY!r})  # t-test on adata.raw", module="tl", skip_if=_one_cluster),
 ]
+
+
+# ---------------------------------------------------------------- command line
 
 
 def _positive(kind):
@@ -97,20 +152,40 @@ def _positive(kind):
     return parse
 
 
+def _qc_var_list(text: str) -> list[str]:
+    specs = [s.strip() for s in text.split(",") if s.strip()]
+    for spec in specs:
+        name, eq, prefixes = spec.partition("=")
+        if not name or (eq and not all(prefixes.split("|"))):
+            raise argparse.ArgumentTypeError(f"expected NAME or NAME=PREFIX[|PREFIX...] items, got {spec!r}")
+    return specs
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpusc", description="scanpy's pipeline on the GPU (or CPU), timed.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the pipeline; write result.h5ad, report.json and umap.png")
-    run.add_argument("input", nargs="?", type=Path, help="counts .h5ad (raw integer counts in X); synthetic if omitted")
+    run = sub.add_parser("run", help="run the pipeline; write result.h5ad, report.json, report.html and umap.png",
+                         description="scanpy's standard pipeline on raw counts, timed step by step, "
+                                     "with an HTML report.",
+                         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("input", nargs="?", type=Path,
+                     help="raw counts: .h5ad, .zarr, a 10x .h5, or a 10x folder (matrix.mtx); synthetic if omitted")
     run.add_argument("--out", type=Path, default=Path("gpusc-out"), help="output folder (default ./gpusc-out)")
     run.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                      help="auto: the GPU when cupy sees one (default)")
     run.add_argument("--n-obs", type=_positive(int), default=None,
-                     help="cells: synthetic size (default 20000), or cells drawn from a model of INPUT")
+                     help=f"cells: synthetic size (default {N_SYNTHETIC}), or cells drawn from a model of INPUT")
     run.add_argument("--seed", type=int, default=0, help="seed of the synthetic or resampled data")
     run.add_argument("--groupby", default=None,
-                     help="obs column of INPUT whose groups are modelled apart (with --n-obs); "
-                          "the Leiden clusters' ARI is computed against it")
+                     help="obs column of INPUT (e.g. cell types): the UMAP is also coloured by it, the Leiden "
+                          "clusters' ARI is computed against it, and with --n-obs its groups are modelled apart")
+    run.add_argument("--batch-key", default=None,
+                     help="obs column of batches: highly_variable_genes(batch_key=...) selects genes per batch; "
+                          "the UMAP is also coloured by it")
+    run.add_argument("--qc-vars", type=_qc_var_list, default=["mt"],
+                     help="comma list for calculate_qc_metrics(qc_vars=...): a boolean var column, one of "
+                          + ", ".join(f"{k} ({d})" for k, (d, _) in KNOWN_QC_VARS.items())
+                          + ", or NAME=PREFIX[|PREFIX] to flag gene names starting with PREFIX (default mt)")
     run.add_argument("--min-genes", type=int, default=100, help="filter_cells(min_genes=...) (default 100)")
     run.add_argument("--min-cells", type=int, default=3, help="filter_genes(min_cells=...) (default 3)")
     run.add_argument("--n-top-genes", type=_positive(int), default=2000,
@@ -134,6 +209,9 @@ def _choose_device(requested: str) -> str:
     return "cpu"
 
 
+# ---------------------------------------------------------------- input
+
+
 def _check_counts(X, where: str, layers=()) -> None:
     from scipy import sparse
 
@@ -147,41 +225,135 @@ def _check_counts(X, where: str, layers=()) -> None:
         )
 
 
-def _load(args):
-    import anndata as ad
+def _is_10x_folder(path: Path) -> bool:
+    return (path / "matrix.mtx.gz").is_file() or (path / "matrix.mtx").is_file()
 
+
+def _is_zarr(path: Path) -> bool:
+    return path.suffix == ".zarr" or (path / ".zattrs").is_file() or (path / "zarr.json").is_file()
+
+
+def read_counts(path: Path):
+    """The AnnData in ``path`` and what it was read as: .h5ad, .zarr, a 10x .h5 or a 10x folder."""
+    import anndata as ad
+    import scanpy as sc
+
+    if not path.exists():
+        raise UsageError(f"input not found: {path}")
+    if path.is_file() and path.name in ("matrix.mtx", "matrix.mtx.gz"):
+        path = path.parent  # the matrix file of a 10x folder: read the folder
+    if path.is_dir() and _is_10x_folder(path):
+        kind = "10x folder"
+        gz = (path / "matrix.mtx.gz").is_file()  # Cell Ranger 3+ gzips; 2 (genes.tsv) does not
+
+        def read():
+            return sc.read_10x_mtx(path, compressed=gz)
+    elif path.is_dir() and _is_zarr(path):
+        kind = ".zarr"
+
+        def read():
+            return ad.read_zarr(path)
+    elif path.is_file() and path.suffix == ".h5ad":
+        kind = ".h5ad"
+
+        def read():
+            return ad.read_h5ad(path)
+    elif path.is_file() and path.suffix == ".h5":
+        kind = "10x .h5"
+
+        def read():
+            return sc.read_10x_h5(path)
+    else:
+        raise UsageError(f"input must be an .h5ad file, a .zarr store, a 10x .h5 file or a 10x folder with "
+                         f"matrix.mtx[.gz]: {path}")
+    try:
+        with warnings.catch_warnings():  # 10x gene symbols repeat; made unique below, as scanpy's tutorial
+            warnings.filterwarnings("ignore", message=r"Variable names are not unique")
+            adata = read()
+    except Exception as err:  # a corrupt file, a missing features.tsv, an HDF5 file of another layout
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise UsageError(f"could not read {path} as {kind}: {message}") from err
+    if kind.startswith("10x"):
+        adata.var_names_make_unique()
+    return adata, kind
+
+
+def _qc_flags(adata, specs: list[str]) -> dict[str, int]:
+    """Resolve ``--qc-vars`` into boolean var columns (all checked before any is written);
+    returns the number of genes flagged per name."""
+    import pandas as pd
+
+    columns = {}
+    upper = pd.Index(adata.var_names.astype(str).str.upper())
+    for spec in specs:
+        name, eq, prefixes = spec.partition("=")
+        if eq:
+            columns[name] = np.asarray(adata.var_names.astype(str).str.startswith(tuple(prefixes.split("|"))))
+        elif name in adata.var.columns:
+            if adata.var[name].dtype != bool:
+                raise UsageError(f"--qc-vars {name!r}: var[{name!r}] is {adata.var[name].dtype}, not boolean; "
+                                 f"give NAME=PREFIX to flag genes by name instead")
+        elif name in KNOWN_QC_VARS:
+            columns[name] = np.asarray(KNOWN_QC_VARS[name][1](upper))
+        else:
+            raise UsageError(f"--qc-vars {name!r} is not a boolean column of var, nor one of "
+                             f"{', '.join(KNOWN_QC_VARS)}; give {name}=PREFIX to flag the genes whose names "
+                             f"start with PREFIX")
+    for name, flags in columns.items():
+        adata.var[name] = flags
+    return {name.partition("=")[0]: int(adata.var[name.partition("=")[0]].sum()) for name in specs}
+
+
+def _obs_column(adata, option: str, key: str | None, where: str) -> None:
+    if key is not None and key not in adata.obs.columns:
+        shown = list(adata.obs.columns[:20]) + (["..."] if len(adata.obs.columns) > 20 else [])
+        raise UsageError(f"{option} {key!r} is not a column of obs in {where}; obs has {shown}")
+
+
+@dataclass
+class Loaded:
+    adata: object
+    description: str
+    labels: str | None  # obs column the clusters are scored against (ARI) and the UMAP coloured by
+    qc_var_genes: dict[str, int]
+
+
+def _load(args) -> Loaded:
     from gpusc import datasets
 
     if args.input is None:
         if args.groupby is not None:
             raise UsageError("--groupby needs an INPUT file (synthetic data have obs['cell_type'])")
-        n_obs = args.n_obs if args.n_obs is not None else 20_000
+        n_obs = args.n_obs if args.n_obs is not None else N_SYNTHETIC
         adata = datasets.synthetic(n_obs=n_obs, n_vars=5_000, seed=args.seed)
-        return adata, f"gpusc.datasets.synthetic(n_obs={n_obs}, n_vars=5000, seed={args.seed})", "cell_type"
-    path = args.input
-    if not path.exists():
-        raise UsageError(f"input file not found: {path}")
-    if path.is_dir() or path.suffix != ".h5ad":
-        raise UsageError(f"input must be an .h5ad file: {path}")
-    try:
-        adata = ad.read_h5ad(path)
-    except Exception as err:  # a corrupt or non-HDF5 file
-        raise UsageError(f"could not read {path} as .h5ad: {err}") from err
-    if adata.X is None:
-        raise UsageError(f"{path} has no X; gpusc run expects raw counts in X")
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise UsageError(f"{path} is empty ({adata.n_obs} x {adata.n_vars})")
-    _check_counts(adata.X, f"{path}: X", adata.layers.keys())
-    if args.groupby is not None and args.groupby not in adata.obs.columns:
-        raise UsageError(f"--groupby {args.groupby!r} is not a column of obs: {list(adata.obs.columns)}")
-    description = f"{path} ({adata.n_obs} x {adata.n_vars})"
-    if args.n_obs is not None:
-        adata = datasets.resample(adata, args.n_obs, groupby=args.groupby, seed=args.seed)
-        description = (f"{args.n_obs} cells model-drawn (gpusc.datasets.resample, groupby={args.groupby!r}, "
-                       f"seed={args.seed}) from {description}")
-    if "mt" not in adata.var.columns:
-        adata.var["mt"] = adata.var_names.str.startswith("MT-")
-    return adata, description, args.groupby
+        description = f"gpusc.datasets.synthetic(n_obs={n_obs}, n_vars=5000, seed={args.seed})"
+        labels = "cell_type"
+        _obs_column(adata, "--batch-key", args.batch_key, "the synthetic data")
+    else:
+        path = args.input
+        adata, kind = read_counts(path)
+        if adata.X is None:
+            raise UsageError(f"{path} has no X; gpusc run expects raw counts in X")
+        if adata.n_obs == 0 or adata.n_vars == 0:
+            raise UsageError(f"{path} is empty ({adata.n_obs} x {adata.n_vars})")
+        _check_counts(adata.X, f"{path}: X", adata.layers.keys())
+        _obs_column(adata, "--groupby", args.groupby, str(path))
+        _obs_column(adata, "--batch-key", args.batch_key, str(path))
+        description = f"{path} ({kind}, {adata.n_obs} x {adata.n_vars})"
+        labels = args.groupby
+        if args.n_obs is not None:
+            adata = datasets.resample(adata, args.n_obs, groupby=args.groupby, seed=args.seed)
+            description = (f"{args.n_obs} cells model-drawn (gpusc.datasets.resample, groupby={args.groupby!r}, "
+                           f"seed={args.seed}) from {description}")
+            _obs_column(adata, "--batch-key", args.batch_key,
+                        f"the cells drawn with --n-obs (they keep obs[{args.groupby!r}] only: give the batch "
+                        f"column as --groupby)")
+    qc_var_genes = _qc_flags(adata, args.qc_vars)
+    args.qc_var_keys = list(qc_var_genes)
+    return Loaded(adata, description, labels, qc_var_genes)
+
+
+# ---------------------------------------------------------------- run
 
 
 def _gib(nbytes) -> float | None:
@@ -190,58 +362,80 @@ def _gib(nbytes) -> float | None:
 
 def _table(rows: list[dict]) -> str:
     width = max(len(r["step"]) for r in rows)
-    lines = [f"{'step':<{width}}  {'seconds':>9}  {'cells x genes':>17}  {'host peak GiB':>13}  {'device peak GiB':>15}"]
+    lines = [(f"{'step':<{width}}  {'seconds':>9}  {'compile s':>9}  {'cells x genes':>17}  {'host peak GiB':>13}"
+              f"  {'device peak GiB':>15}")]
     for r in rows:
         if r["status"] != "ran":
             lines.append(f"{r['step']:<{width}}  {r['status']}")
             continue
         host = "–" if r["host_peak_rss_gib"] is None else f"{r['host_peak_rss_gib']:.3f}"
         dev = "–" if r["device_peak_gib"] is None else f"{r['device_peak_gib']:.3f}"
-        lines.append(f"{r['step']:<{width}}  {r['seconds']:>9.3f}  {r['n_obs']:>8,} x {r['n_vars']:<7,}"
-                     f"  {host:>13}  {dev:>15}")
-    lines.append(f"{'total':<{width}}  {sum(r['seconds'] or 0 for r in rows):>9.3f}")
+        lines.append(f"{r['step']:<{width}}  {r['seconds']:>9.3f}  {r['numba_compile_seconds']:>9.3f}"
+                     f"  {r['n_obs']:>8,} x {r['n_vars']:<7,}  {host:>13}  {dev:>15}")
+    lines.append(f"{'total':<{width}}  {sum(r['seconds'] or 0 for r in rows):>9.3f}"
+                 f"  {sum(r['numba_compile_seconds'] or 0 for r in rows):>9.3f}")
     return "\n".join(lines)
 
 
-def _umap_png(adata, path: Path, labels: str | None) -> None:
-    import matplotlib
+def _numba_cache() -> str:
+    """Where numba keeps gpusc's compiled kernels (numba's own choice: NUMBA_CACHE_DIR, else the
+    package's __pycache__ when writable, else the user cache folder)."""
+    try:
+        from ._kernels import qc
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import scanpy as sc
-
-    color = [CLUSTER_KEY] + ([labels] if labels is not None and labels in adata.obs.columns else [])
-    sc.pl.umap(adata, color=color, show=False)
-    fig = plt.gcf()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+        return str(qc._qc_host._cache._cache_path)  # numba's FunctionCache (private attribute)
+    except AttributeError:  # another numba layout: say what numba documents
+        return "numba's default (NUMBA_CACHE_DIR, else __pycache__ next to the sources, else the user cache dir)"
 
 
 def run(args) -> dict:
     """The ``run`` command; returns the report it writes."""
+    from ._bench import NumbaCompiles
+
+    with NumbaCompiles() as compiles:
+        return _run(args, compiles)
+
+
+def _run(args, compiles) -> dict:
     from tqdm.auto import tqdm
 
     import gpusc
 
+    from . import _report
     from ._bench import DevicePeak, PeakRSS, machine, synchronize, versions
 
+    started = time.perf_counter()
     device = _choose_device(args.device)
-    adata, description, labels = _load(args)
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} exists and is not a folder")
+    loaded = _load(args)
+    adata = loaded.adata
+    load_seconds, load_compile_seconds = time.perf_counter() - started, compiles.seconds
     args.out.mkdir(parents=True, exist_ok=True)
     on_gpu = device == "gpu"
 
     rows: list[dict] = []
+    snapshots = _report.Snapshots()
 
     def timed(name: str, fn) -> None:
-        with DevicePeak(on_gpu) as dev, PeakRSS() as rss:
+        compiled_before = compiles.seconds
+        with warnings.catch_warnings(record=True) as caught, DevicePeak(on_gpu) as dev, PeakRSS() as rss:
             synchronize(on_gpu)
             start = time.perf_counter()
             fn()
             synchronize(on_gpu)
             seconds = time.perf_counter() - start
-        rows.append({"step": name, "status": "ran", "seconds": seconds, "n_obs": int(adata.n_obs),
-                     "n_vars": int(adata.n_vars), "host_peak_rss_gib": _gib(rss.peak),
-                     "device_peak_gib": _gib(dev.peak)})
+        said = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
+        rows.append({"step": name, "status": "ran", "seconds": seconds,
+                     "numba_compile_seconds": round(compiles.seconds - compiled_before, 3),
+                     "n_obs": int(adata.n_obs), "n_vars": int(adata.n_vars), "host_peak_rss_gib": _gib(rss.peak),
+                     "device_peak_gib": _gib(dev.peak), "warnings": said})
+        snapshots.after(name, adata)
+
+    def not_run(name: str, status: str) -> None:
+        rows.append({"step": name, "status": status, "seconds": None, "numba_compile_seconds": None,
+                     "n_obs": None, "n_vars": None, "host_peak_rss_gib": None, "device_peak_gib": None,
+                     "warnings": []})
 
     settings_before = gpusc.settings.device
     gpusc.settings.device = device  # neighbors/umap/leiden (host obsm/obsp in) run where --device says
@@ -249,9 +443,9 @@ def run(args) -> dict:
         if on_gpu:
             timed("anndata_to_GPU", lambda: gpusc.get.anndata_to_GPU(adata))
         for step in tqdm(STEPS, desc="gpusc run", unit="step", disable=None):
-            if not step.available():
-                rows.append({"step": step.name, "status": SKIPPED, "seconds": None, "n_obs": None, "n_vars": None,
-                             "host_peak_rss_gib": None, "device_peak_gib": None})
+            reason = SKIPPED if not step.available() else step.skip_if(adata) if step.skip_if else None
+            if reason:
+                not_run(step.name, reason)
                 continue
             timed(step.name, lambda step=step: step.run(gpusc, adata, args))
         if on_gpu:
@@ -260,59 +454,95 @@ def run(args) -> dict:
         gpusc.settings.device = settings_before
 
     print(_table(rows))
+    for r in rows:
+        for said in r["warnings"]:
+            print(f"warning in {r['step']}: {said}")
     ran = {r["step"] for r in rows if r["status"] == "ran"}
-    skipped = [r["step"] for r in rows if r["status"] != "ran"]
-    result = args.out / "result.h5ad"
-    adata.write_h5ad(result)
+    labels = loaded.labels
 
     ari = None
     if "leiden" in ran and labels is not None and labels in adata.obs.columns:
         from sklearn.metrics import adjusted_rand_score
 
+        known = adata.obs[labels].notna().to_numpy()  # cells without a label are not scored
         ari = {"labels": labels, "cluster_key": CLUSTER_KEY,
-               "ari": float(adjusted_rand_score(adata.obs[labels], adata.obs[CLUSTER_KEY])),
+               "ari": float(adjusted_rand_score(adata.obs[labels][known], adata.obs[CLUSTER_KEY][known])),
                "n_clusters": int(adata.obs[CLUSTER_KEY].nunique()), "n_labels": int(adata.obs[labels].nunique())}
         print(f"ARI of the Leiden clusters against obs[{labels!r}]: {ari['ari']:.3f} "
               f"({ari['n_clusters']} clusters, {ari['n_labels']} labels)")
-    plot, plot_note = None, None
-    if {"umap", "leiden"} <= ran:
-        plot = args.out / "umap.png"
-        _umap_png(adata, plot, labels)
-    else:
-        missing = [f"gpusc.tl.{s}" for s in ("umap", "leiden") if s not in ran]
-        plot_note = f"no UMAP plot: {', '.join(missing)} did not run ({SKIPPED})"
-        print(plot_note)
+
+    write_started = time.perf_counter()
+    result = args.out / "result.h5ad"
+    adata.write_h5ad(result)
+    write_seconds = time.perf_counter() - write_started
+
     timed_rows = [r for r in rows if r["status"] == "ran"]
     report = {
         "command": "gpusc " + " ".join(getattr(args, "argv", [])),
-        "input": description,
+        "input": loaded.description,
         "device": device,
         "device_requested": args.device,
         "options": {"min_genes": args.min_genes, "min_cells": args.min_cells, "seed": args.seed,
                     "n_obs": args.n_obs, "n_top_genes": args.n_top_genes, "resolution": args.resolution,
-                    "groupby": args.groupby},
+                    "groupby": args.groupby, "batch_key": args.batch_key, "qc_vars": args.qc_var_keys,
+                    "qc_var_genes": loaded.qc_var_genes},
         "steps": rows,
-        "skipped": skipped,
+        "skipped": [r["step"] for r in rows if r["status"] != "ran"],
         "calls": {s.name: s.what for s in STEPS},
         "total_seconds": sum(r["seconds"] for r in timed_rows),
         "timing_note": ("one call per step, as a user runs it: seconds include first-call numba/NVRTC "
-                        "compilation (gpusc bench excludes it)"),
+                        "compilation (numba's share in its own column; numba caches what it compiled on "
+                        "disk for the next run); gpusc bench excludes it"),
+        "load_seconds": load_seconds,
+        "write_seconds": write_seconds,
+        "report_seconds": None,  # set below, once the page is written
+        "run_seconds": None,
+        "numba": {"compile_seconds": None, "load_compile_seconds": round(load_compile_seconds, 3),
+                  "functions_compiled": None, "functions": None, "cache": _numba_cache()},
         "host_peak_rss_gib": max((r["host_peak_rss_gib"] for r in timed_rows if r["host_peak_rss_gib"] is not None),
                                  default=None),
         "device_peak_gib": max((r["device_peak_gib"] for r in timed_rows if r["device_peak_gib"] is not None),
                                default=None),
         "final_shape": [int(adata.n_obs), int(adata.n_vars)],
         "ari": ari,
-        "plot": None if plot is None else str(plot),
-        "plot_note": plot_note,
+        "plot": None,
+        "plot_note": None,
+        "html": str(args.out / "report.html"),
         "machine": machine(on_gpu),
         "versions": versions(),
         "platform": platform.platform(),
         "result": str(result),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+    report_started = time.perf_counter()
+    umap_png, colors = None, []
+    if {"umap", "leiden"} <= ran:
+        colors = list(dict.fromkeys(c for c in (CLUSTER_KEY, labels, args.batch_key)
+                                    if c is not None and c in adata.obs.columns))
+        umap_png = _report.umap_figure(adata, colors)
+        report["plot"] = str(args.out / "umap.png")
+        (args.out / "umap.png").write_bytes(umap_png)
+    else:
+        missing = [f"gpusc.tl.{s}" for s in ("umap", "leiden") if s not in ran]
+        report["plot_note"] = f"no UMAP plot: {', '.join(missing)} did not run"
+        print(report["plot_note"])
+    _report.write_html(args.out / "report.html", _numbers_so_far(report, compiles), adata, snapshots,
+                       cluster_key=CLUSTER_KEY, umap_png=umap_png, umap_colors=colors)
+    report["report_seconds"] = time.perf_counter() - report_started
+    _numbers_so_far(report, compiles)
+    report["run_seconds"] = time.perf_counter() - started
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {result}, {args.out / 'report.json'}" + (f", {plot}" if plot else ""))
+    print(f"numba compilation: {report['numba']['compile_seconds']:.1f} s "
+          f"({report['numba']['functions_compiled']} functions; cache: {report['numba']['cache']})")
+    print(f"wrote {result}, {args.out / 'report.json'}, {report['html']}"
+          + (f", {report['plot']}" if report["plot"] else ""))
+    return report
+
+
+def _numbers_so_far(report: dict, compiles) -> dict:
+    report["numba"].update(compile_seconds=round(compiles.seconds, 3), functions_compiled=len(compiles.functions),
+                           functions=sorted(set(compiles.functions)))
     return report
 
 

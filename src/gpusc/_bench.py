@@ -21,7 +21,7 @@ Writes ``OUT/NAME.json`` (raw), ``OUT/NAME.md`` (tables) and ``OUT/NAME.png`` (s
 against cells, log-log, one line per step and library).
 
 This module also holds the measuring helpers ``gpusc run`` uses (:class:`PeakRSS`,
-:class:`DevicePeak`, :func:`machine`, :func:`versions`). Nothing GPU is imported at
+:class:`DevicePeak`, :class:`NumbaCompiles`, :func:`machine`, :func:`versions`). Nothing GPU is imported at
 module level.
 """
 
@@ -140,6 +140,48 @@ class DevicePeak:
             frame = rmm.statistics.pop_statistics()
             peak += self._rmm_base + int(frame.peak_bytes)
         self.peak = peak
+
+
+class NumbaCompiles:
+    """numba compilations while the block runs: ``seconds`` (wall time of the outermost
+    compilations; a function compiled inside another counts once) and ``functions``
+    (``module.qualname`` of every function compiled). numba's ``numba:compile`` event fires
+    only when a function is compiled, not when it is loaded from numba's on-disk cache, so a
+    warm run records none."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.functions: list[str] = []
+
+    def __enter__(self):
+        from numba.core import event
+
+        counter = self
+
+        class Listener(event.Listener):
+            depth = 0
+            started = 0.0
+
+            def on_start(self, ev):
+                if self.depth == 0:
+                    self.started = time.perf_counter()
+                self.depth += 1
+                func = getattr(ev.data.get("dispatcher"), "py_func", None)
+                counter.functions.append(f"{func.__module__}.{func.__qualname__}" if func else "?")
+
+            def on_end(self, ev):
+                self.depth -= 1
+                if self.depth == 0:
+                    counter.seconds += time.perf_counter() - self.started
+
+        self._listener = Listener()
+        event.register("numba:compile", self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        from numba.core import event
+
+        event.unregister("numba:compile", self._listener)
 
 
 def synchronize(on_gpu: bool) -> None:

@@ -77,7 +77,7 @@ def knn_host(x: np.ndarray, k: int, metric: str, *, first_pass: str = "float32",
     n_cand = n_candidates(k, n, HOST_MARGIN)
     rows = np.arange(n, dtype=np.int64)
     if code == METRICS["manhattan"]:
-        cand_key, cand_idx = _manhattan_select(x64, n_cand)
+        cand_key, cand_idx = _manhattan_select(x64, x64, n_cand)
         no_check = np.full(n, np.inf)  # direct float64 sums are the exact distances
         idx, dist, _ = _rerank_host(x64, rows, cand_key, cand_idx, k, code, no_check)
         return idx, dist, 1.0
@@ -258,17 +258,20 @@ def _candidates(queries, refs, ref_norms, n_cand, query_block, ref_block):
 
 
 @numba.njit(parallel=True, cache=True)
-def _manhattan_select(x, n_cand):
-    n, dim = x.shape
-    cand_key = np.full((n, n_cand), np.inf)
-    cand_idx = np.full((n, n_cand), -1, np.int64)
-    for i in numba.prange(n):
+def _manhattan_select(queries, refs, n_cand):
+    """Per query row the n_cand smallest L1 sums to the reference rows (a max-heap per row);
+    pp.bbknn passes one batch's cells as the references."""
+    n_q, dim = queries.shape
+    n_r = refs.shape[0]
+    cand_key = np.full((n_q, n_cand), np.inf)
+    cand_idx = np.full((n_q, n_cand), -1, np.int64)
+    for i in numba.prange(n_q):
         keys, idx = cand_key[i], cand_idx[i]
         worst = keys[0]
-        for j in range(n):
+        for j in range(n_r):
             acc = 0.0
             for f in range(dim):
-                acc += abs(x[i, f] - x[j, f])
+                acc += abs(queries[i, f] - refs[j, f])
                 if acc >= worst:  # cannot enter the list any more
                     break
             if acc < worst:

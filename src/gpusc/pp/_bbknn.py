@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-import numba
 import numpy as np
 from anndata import AnnData
 from scanpy import logging as logg
@@ -436,28 +435,6 @@ def _manhattan_candidates(x, refs, rows, n_cand: int, on_device: bool, blocks):
                     tile, np.int64(q1 - q0), np.int64(r1 - r0), np.int64(r1 - r0), np.uintp(0),
                     np.uintp(0), np.int64(r0), cand_key[q0:q1], cand_idx[q0:q1], np.int32(n_cand)))
         return cand_key, refs[cand_idx]
-    cand_key, cand_local = _manhattan_select_host(np.ascontiguousarray(x[rows]),
+    cand_key, cand_local = _topk._manhattan_select(np.ascontiguousarray(x[rows]),
                                                   np.ascontiguousarray(x[refs]), n_cand)
     return cand_key, refs[cand_local]
-
-
-@numba.njit(parallel=True, cache=True)
-def _manhattan_select_host(queries, refs, n_cand):
-    """Per query the n_cand smallest L1 sums to the references (a max-heap per row)."""
-    n_q, dim = queries.shape
-    n_r = refs.shape[0]
-    cand_key = np.full((n_q, n_cand), np.inf)
-    cand_idx = np.full((n_q, n_cand), -1, np.int64)
-    for i in numba.prange(n_q):
-        keys, idx = cand_key[i], cand_idx[i]
-        worst = keys[0]
-        for j in range(n_r):
-            acc = 0.0
-            for f in range(dim):
-                acc += abs(queries[i, f] - refs[j, f])
-                if acc >= worst:  # cannot enter the list any more
-                    break
-            if acc < worst:
-                _topk._heap_push(keys, idx, acc, j)
-                worst = keys[0]
-    return cand_key, cand_idx

@@ -33,6 +33,7 @@ code 2.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import sys
@@ -247,7 +248,10 @@ def read_counts(path: Path):
         gz = (path / "matrix.mtx.gz").is_file()  # Cell Ranger 3+ gzips; 2 (genes.tsv) does not
 
         def read():
-            return sc.read_10x_mtx(path, compressed=gz)
+            # scanpy 1.11 (Python 3.11) has no `compressed`: it reads Cell Ranger 3's gzipped files
+            if "compressed" in inspect.signature(sc.read_10x_mtx).parameters:
+                return sc.read_10x_mtx(path, compressed=gz)
+            return sc.read_10x_mtx(path)
     elif path.is_dir() and _is_zarr(path):
         kind = ".zarr"
 
@@ -473,7 +477,12 @@ def _run(args, compiles) -> dict:
 
     write_started = time.perf_counter()
     result = args.out / "result.h5ad"
-    adata.write_h5ad(result)
+    # anndata 0.11-0.12 (Python 3.11) read pandas' string arrays from newer files but refuse to
+    # write them back unless asked
+    import anndata as ad
+
+    with ad.settings.override(allow_write_nullable_strings=True):
+        adata.write_h5ad(result)
     write_seconds = time.perf_counter() - write_started
 
     timed_rows = [r for r in rows if r["status"] == "ran"]

@@ -308,11 +308,15 @@ __device__ void fused_merge_rows(int row0, int K, bool all, float* s_list_key, i
     }
 }
 
-// grid: n_pad / FUSED_QUERIES blocks of FUSED_WARPS * 32 threads; dynamic shared memory
-// as laid out below (fused_shared_bytes in the launcher). n < 2^31 - FUSED_MAX_K.
+// grid: (q_end - q_first) / FUSED_QUERIES blocks (rounded up) of FUSED_WARPS * 32 threads;
+// dynamic shared memory as laid out below (fused_shared_bytes in the launcher).
+// n < 2^31 - FUSED_MAX_K. Query rows [q_first, q_end) against all n references, q_first a
+// multiple of FUSED_QUERIES (vecs is padded to whole blocks); row q's list lands at row
+// q - q_first of cand_key/cand_idx, so one worker of several can take a block of queries.
 __global__ void __launch_bounds__(FUSED_WARPS * 32, 1)
 fused_candidates(const float* __restrict__ vecs, const float* __restrict__ norms, long long n,
-                 int dim_pad, int K, float* __restrict__ cand_key, long long* __restrict__ cand_idx) {
+                 int dim_pad, int K, long long q_first, long long q_end, float* __restrict__ cand_key,
+                 long long* __restrict__ cand_idx) {
     extern __shared__ __align__(16) unsigned char smem[];
     float* s_ref = reinterpret_cast<float*>(smem);               // [2][FUSED_REFS][FUSED_STRIDE]
     float* s_norm = s_ref + 2 * FUSED_REFS * FUSED_STRIDE;        // [2][FUSED_REFS]
@@ -327,7 +331,7 @@ fused_candidates(const float* __restrict__ vecs, const float* __restrict__ norms
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;  // mma fragment coordinates
     const int row0 = warp * 32;             // this warp's first query row in the block
-    const long long q_block = (long long)blockIdx.x * FUSED_QUERIES;
+    const long long q_block = q_first + (long long)blockIdx.x * FUSED_QUERIES;
     const int ksteps = dim_pad >> 3;
     const long long n_chunks = (n + FUSED_REFS - 1) / FUSED_REFS;
 
@@ -459,11 +463,12 @@ fused_candidates(const float* __restrict__ vecs, const float* __restrict__ norms
                      s_thr_idx);
     for (int r = row0; r < row0 + 32; ++r) {
         const long long q = q_block + r;
-        if (q >= n) break;
+        if (q >= q_end) break;
         const float q_norm = norms[q];
+        const long long out = q - q_first;
         for (int s = lane; s < K; s += 32) {
-            cand_key[q * K + s] = s_list_key[r * K + s] + q_norm;
-            cand_idx[q * K + s] = (long long)s_list_idx[r * K + s];
+            cand_key[out * K + s] = s_list_key[r * K + s] + q_norm;
+            cand_idx[out * K + s] = (long long)s_list_idx[r * K + s];
         }
     }
 }

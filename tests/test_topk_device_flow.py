@@ -44,13 +44,14 @@ class _Kernel:
             self.body(*args)
 
 
-def _fused_candidates(vecs, norms, n, dim_pad, K, cand_key, cand_idx):
-    n = int(n)
+def _fused_candidates(vecs, norms, n, dim_pad, K, q_first, q_end, cand_key, cand_idx):
+    n, q_first, q_end = int(n), int(q_first), int(q_end)
     assert vecs.shape[1] == dim_pad and dim_pad % 8 == 0 and vecs.shape[0] % topk.FUSED_QUERIES == 0
+    assert q_first % topk.FUSED_QUERIES == 0 and 0 <= q_first < q_end <= n
     assert not (vecs.view(np.uint32) & 0x1FFF).any(), "rows must arrive rounded to TF32"
-    keys = norms[None, :n] - np.float32(2) * (vecs[:n] @ vecs[:n].T)
+    keys = norms[None, :n] - np.float32(2) * (vecs[q_first:q_end] @ vecs[:n].T)
     key, idx = _smallest(keys, np.broadcast_to(np.arange(n), keys.shape), int(K))
-    cand_key[:] = key + norms[:n, None]
+    cand_key[:] = key + norms[q_first:q_end, None]
     cand_idx[:] = idx
 
 
@@ -194,6 +195,39 @@ def test_fused_kernel_on_threads_gives_exact_neighbours(threaded_flow, data, met
         assert compare_sets(idx, dist, ref_idx, ref_dist, rtol=1e-9, atol=1e-9) == 0
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "manhattan"])
+@pytest.mark.parametrize("rows", [(0, 256), (256, 700), (512, 513)])
+def test_a_block_of_query_rows_gets_the_lists_of_a_search_of_all(device_flow, metric, rows):
+    # what one dask-cuda worker runs: its rows against all references; the kernel writes
+    # row q's list at q - first, and the launch covers only the block's queries
+    kernels, _ = device_flow
+    x = blobs(n=700, dim=12, seed=2)
+    idx, dist, _ = topk.knn_device(x, 10, metric)
+    block_idx, block_dist, _ = topk.knn_device(x, 10, metric, query_rows=rows)
+    np.testing.assert_array_equal(block_idx, idx[rows[0]:rows[1]])
+    np.testing.assert_array_equal(block_dist, dist[rows[0]:rows[1]])
+    if metric == "euclidean":
+        grid = kernels["fused_candidates"].launches[-1][0]
+        assert grid == (-(-(rows[1] - rows[0]) // topk.FUSED_QUERIES),)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        topk.knn_device(x, 10, metric, query_rows=(100, 700))
+
+
+def test_fused_kernel_on_threads_takes_a_block_of_query_rows(device_flow, kernels_on_threads):
+    # the kernel as written, queries 256..599 of 600: the same keys as the definition
+    kernels = _as_written(device_flow[0], kernels_on_threads)
+    n, k = 600, 15
+    x = blobs(n=n, dim=20, seed=8).astype(np.float64).view(on_threads.DeviceArray)
+    n_cand = topk.n_candidates(k, n, topk.DEVICE_MARGIN)
+    key, idx, _ = topk._fused_candidates(x, n_cand, topk.METRICS["euclidean"], 256, n)
+    assert key.shape == (n - 256, n_cand)
+    vecs, norms = kernels["fused_candidates"].arguments[:2]
+    ref_key, ref_idx = np.empty_like(key), np.empty_like(idx)
+    _fused_candidates(vecs, norms, n, vecs.shape[1], n_cand, 256, n, ref_key, ref_idx)
+    np.testing.assert_allclose(key, ref_key, rtol=0, atol=1e-5 * float(norms[:n].max()))
+    assert (np.sort(idx[:, :-1], axis=1) == np.sort(ref_idx[:, :-1], axis=1)).mean() > 0.99
+
+
 @pytest.mark.parametrize("n, dim, k", [(300, 13, 15), (517, 50, 15), (300, 64, 48), (20, 7, 15)])
 def test_fused_kernel_on_threads_keeps_the_smallest_keys(device_flow, kernels_on_threads, n, dim, k):
     kernels = _as_written(device_flow[0], kernels_on_threads)
@@ -204,7 +238,7 @@ def test_fused_kernel_on_threads_keeps_the_smallest_keys(device_flow, kernels_on
     # another order), as the launch handed them to the kernel
     vecs, norms = kernels["fused_candidates"].arguments[:2]
     ref_key, ref_idx = np.empty_like(key), np.empty_like(idx)
-    _fused_candidates(vecs, norms, n, vecs.shape[1], n_cand, ref_key, ref_idx)
+    _fused_candidates(vecs, norms, n, vecs.shape[1], n_cand, 0, n, ref_key, ref_idx)
     assert (np.diff(key, axis=1) >= 0).all()
     np.testing.assert_allclose(key, ref_key, rtol=0, atol=1e-5 * float(norms[:n].max()))
     assert (idx != ref_idx).mean() < 0.01  # order swaps between keys equal but for summation order

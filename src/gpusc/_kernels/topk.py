@@ -57,8 +57,11 @@ def n_candidates(k: int, n: int, margin: int) -> int:
 # ---------------------------------------------------------------- host (numba)
 
 def knn_host(x: np.ndarray, k: int, metric: str, *, first_pass: str = "float32",
-             query_block: int = 128, ref_block: int = 2048) -> tuple[np.ndarray, np.ndarray, float]:
-    """Exact kNN of the rows of ``x`` among themselves.
+             query_block: int = 128, ref_block: int = 2048,
+             query_rows: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """Exact kNN of the rows of ``x`` among themselves (of rows ``query_rows = (first, end)``
+    only, when given: one worker's block of queries against all rows, the same lists as
+    those rows get in a search of all).
 
     Threads take blocks of ``query_block`` queries; each multiplies them with blocks of
     ``ref_block`` references (one-thread BLAS, so the tile stays in cache) and keeps a
@@ -75,9 +78,10 @@ def knn_host(x: np.ndarray, k: int, metric: str, *, first_pass: str = "float32",
     n = x64.shape[0]
     code = METRICS[metric]
     n_cand = n_candidates(k, n, HOST_MARGIN)
-    rows = np.arange(n, dtype=np.int64)
+    first, end = (0, n) if query_rows is None else query_rows
+    rows = np.arange(first, end, dtype=np.int64)
     if code == METRICS["manhattan"]:
-        cand_key, cand_idx = _manhattan_select(x64, x64, n_cand)
+        cand_key, cand_idx = _manhattan_select(x64[first:end], x64, n_cand)
         no_check = np.full(n, np.inf)  # direct float64 sums are the exact distances
         idx, dist, _ = _rerank_host(x64, rows, cand_key, cand_idx, k, code, no_check)
         return idx, dist, 1.0
@@ -85,11 +89,11 @@ def knn_host(x: np.ndarray, k: int, metric: str, *, first_pass: str = "float32",
     if first_pass == "float64":
         return idx, dist, 1.0
     redo = np.flatnonzero(~certified)
-    _log_certified(first_pass, n, redo.size)
+    _log_certified(first_pass, rows.size, redo.size)
     if redo.size:  # rows whose first-pass candidates could have missed a neighbour
-        idx[redo], dist[redo], _ = _host_pass(x64, redo, k, n_cand, code, "float64",
+        idx[redo], dist[redo], _ = _host_pass(x64, rows[redo], k, n_cand, code, "float64",
                                               query_block, ref_block)
-    return idx, dist, 1.0 - redo.size / n
+    return idx, dist, 1.0 - redo.size / max(rows.size, 1)
 
 
 def _log_certified(precision: str, n: int, n_redo: int) -> None:
@@ -366,9 +370,11 @@ def _kernel(name: str):
 
 
 def knn_device(x_host: np.ndarray, k: int, metric: str, *, fused: bool | None = None,
-               query_block: int = 8192, ref_block: int = 8192) -> tuple[np.ndarray, np.ndarray, float]:
+               query_block: int = 8192, ref_block: int = 8192,
+               query_rows: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """Exact kNN on the GPU; takes and returns host arrays (and the fraction of rows the
-    first pass certified) like :func:`knn_host`.
+    first pass certified) like :func:`knn_host`, ``query_rows`` included (its first row a
+    multiple of FUSED_QUERIES, so the fused pass starts at one of its blocks).
 
     ``fused`` (default: where it applies) picks the fused TF32 candidate pass over the
     cuBLAS tiles. Device memory: x and its product rows (2·n·d), the candidate lists
@@ -386,7 +392,10 @@ def knn_device(x_host: np.ndarray, k: int, metric: str, *, fused: bool | None = 
     if n_cand > TOPK_MAX:
         raise ValueError(f"n_neighbors={k}: brute force on the GPU keeps at most "
                          f"{TOPK_MAX - DEVICE_MARGIN} neighbours; use a smaller n_neighbors")
-    all_rows = cp.arange(n, dtype=np.int64)
+    first, end = (0, n) if query_rows is None else query_rows
+    if first % FUSED_QUERIES:
+        raise ValueError(f"query_rows starts at {first}, not a multiple of {FUSED_QUERIES}")
+    all_rows = cp.arange(first, end, dtype=np.int64)
     # shared memory per block: 202 KB at K = 64 fits an H100 (227 KB), an A100 (163 KB) K <= 46
     shared_limit = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
     fits = (code != METRICS["manhattan"] and dim <= FUSED_MAX_DIM and n_cand <= FUSED_MAX_K
@@ -396,25 +405,26 @@ def knn_device(x_host: np.ndarray, k: int, metric: str, *, fused: bool | None = 
                          f"{FUSED_MAX_DIM} dimensions and lists of up to {FUSED_MAX_K} candidates "
                          f"({shared_limit} bytes of shared memory per block here)")
     if code == METRICS["manhattan"]:
-        first = "float64"  # direct sums: nothing to redo
+        first_pass = "float64"  # direct sums: nothing to redo
     elif fits and fused is not False:
-        first = "tf32"
+        first_pass = "tf32"
     elif os.environ.get("CUPY_TF32", "0") != "0":
-        first = "float64"  # cuBLAS would multiply float32 tiles in TF32 unasked
+        first_pass = "float64"  # cuBLAS would multiply float32 tiles in TF32 unasked
     else:
-        first = "float32"
-    out_idx, out_dist, certified = _device_pass(x, all_rows, k, n_cand, code, first,
+        first_pass = "float32"
+    out_idx, out_dist, certified = _device_pass(x, all_rows, k, n_cand, code, first_pass,
                                                 query_block, ref_block)
-    if first == "float64":
+    if first_pass == "float64":
         return out_idx.get(), out_dist.get(), 1.0  # synchronize!
     redo = cp.flatnonzero(~certified)
     n_redo = int(redo.size)  # synchronize!
-    _log_certified(first, n, n_redo)
+    _log_certified(first_pass, end - first, n_redo)
     if n_redo:
-        idx64, dist64, _ = _device_pass(x, redo, k, n_cand, code, "float64", query_block, ref_block)
+        idx64, dist64, _ = _device_pass(x, all_rows[redo], k, n_cand, code, "float64",
+                                        query_block, ref_block)
         out_idx[redo] = idx64
         out_dist[redo] = dist64
-    return out_idx.get(), out_dist.get(), 1.0 - n_redo / n  # synchronize!
+    return out_idx.get(), out_dist.get(), 1.0 - n_redo / max(end - first, 1)  # synchronize!
 
 
 def fused_shared_bytes(n_cand: int) -> int:
@@ -424,8 +434,9 @@ def fused_shared_bytes(n_cand: int) -> int:
                 + FUSED_QUERIES * (2 * n_cand + 2 * FUSED_BUF + 3))
 
 
-def _fused_candidates(x, n_cand, code):
-    """K best (key, index) per row among all rows, from ``fused_candidates``; TF32 products.
+def _fused_candidates(x, n_cand, code, first=0, end=None):
+    """K best (key, index) per query row ``first <= i < end`` (default all) among all rows,
+    from ``fused_candidates``; TF32 products.
 
     Returns the keys (float32, ascending, the query's norm included), the indices and the
     float64 norms of the rounded rows.
@@ -441,14 +452,15 @@ def _fused_candidates(x, n_cand, code):
     norms64 = (vecs[:n].astype(np.float64) ** 2).sum(axis=1)
     norms = cp.full(n_pad, np.inf, np.float32)  # padding rows never pass a threshold
     norms[:n] = norms64
-    cand_key = cp.empty((n, n_cand), np.float32)
-    cand_idx = cp.empty((n, n_cand), np.int64)
+    end = n if end is None else end
+    cand_key = cp.empty((end - first, n_cand), np.float32)
+    cand_idx = cp.empty((end - first, n_cand), np.int64)
     kernel = _kernel("fused_candidates")
     shared = fused_shared_bytes(n_cand)
     kernel.max_dynamic_shared_size_bytes = shared
-    cuda.launch(kernel, n_pad // FUSED_QUERIES, FUSED_THREADS, (
-        vecs, norms, np.int64(n), np.int32(dim_pad), np.int32(n_cand), cand_key, cand_idx),
-        shared_mem=shared)
+    cuda.launch(kernel, -(-(end - first) // FUSED_QUERIES), FUSED_THREADS, (
+        vecs, norms, np.int64(n), np.int32(dim_pad), np.int32(n_cand), np.int64(first),
+        np.int64(end), cand_key, cand_idx), shared_mem=shared)
     return cand_key, cand_idx, norms64
 
 
@@ -509,8 +521,9 @@ def _device_pass(x, rows, k, n_cand, code, precision, query_block, ref_block):
 
     n, dim = x.shape
     n_q = int(rows.size)
-    if precision == "tf32":  # the fused pass covers every row
-        cand_key, cand_idx, norms64 = _fused_candidates(x, n_cand, code)
+    if precision == "tf32":  # the fused pass takes a contiguous block of rows
+        first = int(rows[0]) if n_q else 0  # synchronize!
+        cand_key, cand_idx, norms64 = _fused_candidates(x, n_cand, code, first, first + n_q)
     else:
         cand_key, cand_idx, norms64 = _tile_candidates(x, rows, n_cand, code, np.dtype(precision),
                                                        query_block, ref_block)

@@ -14,6 +14,7 @@ from scipy import sparse
 
 from .._core.adata import actualize_view
 from .._core.arrays import DeviceArray, is_sparse, placement
+from .._core.dask import is_dask
 from .._kernels import connectivity as _conn
 from .._kernels import topk as _topk
 from .._settings import resolve_device
@@ -57,6 +58,11 @@ def neighbors(
 
     The representation is read from the host (obsm or X) and the work runs where
     ``device`` (default ``gpusc.settings.device``) says; results go to obsp/uns on the host.
+    A dask representation (say X_pca kept lazy on a dask-backed AnnData) is gathered (it is
+    n_obs × a few dozen) and searched as one dask task per block of its row chunks, each
+    block of queries against all rows: on a dask.distributed cluster the blocks run on its
+    workers (one GPU each on a dask-cuda LocalCUDACluster), with the same lists as one
+    search. X itself is never read here unless it is the representation.
 
     Parameters
     ----------
@@ -151,7 +157,7 @@ def neighbors(
     if algorithm != "brute" and where != "gpu":
         raise ValueError(f"{func}: algorithm={algorithm!r} runs on the GPU through cuVS; "
                          "use algorithm='brute' on the CPU")
-    x = _representation(adata, use_rep, n_pcs, func)
+    x, query_chunks = _representation(adata, use_rep, n_pcs, func, with_chunks=True)
     if x is None and not _has_pca():
         raise ValueError(
             f"{func}: adata has {adata.n_vars} genes and no obsm['X_pca']; run pp.pca first "
@@ -166,6 +172,8 @@ def neighbors(
     k = int(n_neighbors)
     if algorithm != "brute":
         knn_idx, knn_dist = _cuvs_knn(x, k, metric, algorithm)
+    elif query_chunks is not None and len(query_chunks) > 1:
+        knn_idx, knn_dist = _knn_by_query_blocks(x, query_chunks, k, metric, where)
     elif where == "gpu":
         knn_idx, knn_dist, _ = _topk.knn_device(x, k, metric)
     else:
@@ -327,8 +335,9 @@ def _knn_of_distances(d, k):
 
 # ---------------------------------------------------------------- representation
 
-def _representation(adata: AnnData, use_rep, n_pcs, func):
-    """The host float array to search (scanpy's _choose_representation); None: PCA needed."""
+def _representation(adata: AnnData, use_rep, n_pcs, func, *, with_chunks: bool = False):
+    """The host float array to search (scanpy's _choose_representation); None: PCA needed.
+    ``with_chunks``: also its row chunks when it is a dask array (None otherwise)."""
     if n_pcs is not None and (isinstance(n_pcs, bool) or not isinstance(n_pcs, int | np.integer)
                               or n_pcs < 0):
         raise ValueError(f"{func}: n_pcs={n_pcs!r} must be a non-negative integer or None")
@@ -358,7 +367,9 @@ def _representation(adata: AnnData, use_rep, n_pcs, func):
     else:
         raise KeyError(f"{func}: use_rep={use_rep!r} not found; adata.obsm has {list(adata.obsm)} "
                        "(or use use_rep='X')")
-    return _host_float(x, func, "use_rep" if use_rep not in (None, "X") else "the representation")
+    chunks = x.chunks[0] if is_dask(x) else None
+    x = _host_float(x, func, "use_rep" if use_rep not in (None, "X") else "the representation")
+    return (x, chunks) if with_chunks else x
 
 
 def _host_float(x, func, arg):
@@ -366,6 +377,8 @@ def _host_float(x, func, arg):
         raise ValueError(f"{func}: adata.X is None; pass use_rep= to choose an obsm entry")
     if hasattr(x, "to_numpy"):  # a DataFrame in obsm
         x = x.to_numpy()
+    if is_dask(x):  # n_obs × a few dozen: small enough to hold (X itself is read lazily)
+        x = x.compute()
     if placement(x) == "device":
         x = x.get()  # synchronize!
     if is_sparse(x):
@@ -380,6 +393,29 @@ def _host_float(x, func, arg):
     if not np.isfinite(x).all():
         raise ValueError(f"{func}: {arg} contains NaN or inf; remove or impute them first")
     return np.ascontiguousarray(x)
+
+
+def _knn_by_query_blocks(x, query_chunks, k, metric, where):
+    """Exact kNN as one dask task per block of query rows, each against all rows.
+
+    With a dask.distributed client (a LocalCUDACluster: one GPU per worker) the blocks run
+    on the workers; without one, on dask's local scheduler. Every row gets the list it gets
+    in one search of all rows: its candidates, re-ranking and certification depend only on
+    that row and all references. Blocks follow the representation's row chunks, with their
+    starts rounded to the GPU's query blocks.
+    """
+    import dask
+
+    search = _topk.knn_device if where == "gpu" else _topk.knn_host
+    n = x.shape[0]
+    bounds = np.cumsum((0, *query_chunks))[:-1] // _topk.FUSED_QUERIES * _topk.FUSED_QUERIES
+    bounds = np.unique(np.append(bounds, n))
+    references = dask.delayed(x, pure=True)  # one copy per worker, not one per task
+    blocks = [dask.delayed(search, pure=True)(references, k, metric, query_rows=(int(a), int(b)))
+              for a, b in zip(bounds[:-1], bounds[1:])]
+    results = dask.compute(*blocks)
+    return (np.concatenate([idx for idx, _, _ in results]),
+            np.concatenate([dist for _, dist, _ in results]))
 
 
 def _has_pca() -> bool:

@@ -9,10 +9,14 @@ Timed: harmonypy.run_harmony(adata.obsm["X_pca"], adata.obs, "batch") stored in 
 sc.external.pp.harmony_integrate does (scanpy 1.12.4's own call transposes harmonypy 2.x's
 result and fails; harmonypy's C++ backend, its default threads: one per physical core) and gpusc.pp.harmony_integrate(adata, "batch", device=...)
 with the same defaults (theta 2, sigma 0.1, 100 clusters, at most 10 Harmony iterations of 4
-k-means passes, the same convergence tests). Recorded with them: iterations run, the last
-objective, iLISI (batch) and cLISI (cell type) of each corrected space (harmonypy's
-compute_lisi, perplexity 30, on a fixed 10,000-cell subsample), and, from harmonypy's own
-initial centroids, the correlation of the two corrections (Z_corr - Z).
+k-means passes, the same convergence tests). Recorded with them: iterations run, the k-means
+passes of each iteration and the last objective (both libraries), the load average after each
+repeat, iLISI (batch) and cLISI (cell type) of each corrected space (harmonypy's compute_lisi,
+perplexity 30, on a fixed 10,000-cell subsample), and, from harmonypy's own initial
+centroids, the correlation of the two corrections (Z_corr - Z).
+
+gpusc runs each block of a k-means pass on all threads: on a machine busier than its cores,
+every block waits for descheduled threads, so compare on an idle machine (or with one thread).
 
     python benchmarks/bench_harmony.py [--cells 50000] [--repeats 3] [--device cpu|gpu] [--out FILE]
 
@@ -23,6 +27,7 @@ BLAS is limited to as many (threadpoolctl); NUMBA_NUM_THREADS=1 compares one cor
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 
@@ -69,6 +74,21 @@ def lisi(embedding, obs, subsample) -> dict:
     return {"iLISI": float(values[:, 0].mean()), "cLISI": float(values[:, 1].mean())}
 
 
+def _our_result(data, device):
+    """gpusc's HarmonyResult of one harmony_integrate call on a copy of ``data``."""
+    from gpusc.pp import _harmony
+
+    kept = []
+    harmonize = _harmony.harmonize
+    _harmony.harmonize = lambda *a, **k: kept.append(harmonize(*a, **k)) or kept[-1]
+    try:
+        gpusc.pp.harmony_integrate(data.copy(), "batch", device=device,
+                                   ncores=numba.get_num_threads())
+    finally:
+        _harmony.harmonize = harmonize
+    return kept[0]
+
+
 def main() -> None:
     from threadpoolctl import threadpool_limits
 
@@ -102,6 +122,7 @@ def run() -> None:
     for call in calls.values():  # warm-up on the full data: every numba variant, NVRTC, caches
         call(data.copy())
     times = {lib: [] for lib in calls}
+    loads = []  # the 1-minute load average after each repeat: timings on a busy machine mislead
     outputs = {}
     for _ in range(args.repeats):  # alternated, so that both see the same load
         for lib, call in calls.items():
@@ -113,9 +134,11 @@ def run() -> None:
             synchronize(on_gpu)
             times[lib].append(time.perf_counter() - start)
             outputs[lib] = a.obsm["X_pca_harmony"]
+        loads.append(os.getloadavg()[0])
     iterations_ours = sum("Harmony iteration" in m for m in messages)
     converged_ours = any("converged" in m for m in messages)
     reference = harmonypy.run_harmony(data.obsm["X_pca"], data.obs, "batch", verbose=False)
+    ours = _our_result(data, args.device)  # not timed: the k-means passes of each iteration
 
     z = data.obsm["X_pca"]
     start_centroids = np.asarray(harmonypy.run_harmony(z, data.obs, "batch", verbose=False,
@@ -133,7 +156,10 @@ def run() -> None:
     row["harmonypy"] |= {"iterations": len(reference.objective_harmony) - 1,
                          "kmeans_rounds": list(reference.kmeans_rounds),
                          "last_objective": float(reference.objective_harmony[-1])}
-    row["gpusc"] |= {"iterations": iterations_ours, "converged": converged_ours}
+    row["gpusc"] |= {"iterations": iterations_ours, "converged": converged_ours,
+                     "kmeans_rounds": list(ours.kmeans_rounds),
+                     "last_objective": float(ours.objective_harmony[-1])}
+    row["load_average_per_repeat"] = loads
     row["before"] = lisi(z, data.obs, subsample)
     row["speedup"] = row["harmonypy"]["best"] / row["gpusc"]["best"]
     row["correction_correlation_same_start"] = correlation

@@ -67,13 +67,12 @@ __device__ __forceinline__ float warp_all_max(float v) {
     return v;
 }
 
-// Adds value (in fixed point) to row b of each of the cell's batches and to row n_batches (all
-// cells), column k.
+// Adds value (in fixed point) to row b of each of the cell's batches, column k. Row n_batches
+// (all cells) is left to the launcher: the batch rows add up to n_cov times it, exactly.
 __device__ __forceinline__ void add_fixed(unsigned long long* sums, const int* batches, int n_cov,
-                                          int n_batches, int n_clusters, int k, float value) {
+                                          int n_clusters, int k, float value) {
     const unsigned long long fixed = (unsigned long long)((double)value * HARMONY_FIXED_SCALE + 0.5);
     for (int v = 0; v < n_cov; ++v) atomicAdd(&sums[(long long)batches[v] * n_clusters + k], fixed);
-    atomicAdd(&sums[(long long)n_batches * n_clusters + k], fixed);
 }
 
 // The block's (n_batches + 1) x n_clusters sums: in shared memory when use_shared (zeroed
@@ -131,7 +130,7 @@ __global__ void batch_sums(const T* r, const int* cell_batches, int n_cov, int n
         const T* row = r + cell * n_clusters;
         const int* batches = cell_batches + cell * n_cov;
         for (int k = lane; k < n_clusters; k += 32)
-            add_fixed(acc, batches, n_cov, n_batches, n_clusters, k, (float)row[k]);
+            add_fixed(acc, batches, n_cov, n_clusters, k, (float)row[k]);
     }
     finish_sums(sums, acc, use_shared, size);
 }
@@ -189,7 +188,7 @@ __global__ void assign_cells(T* dist, const T* sigma, const T* inv_sigma, const 
             const float value = (float)((double)p[k] / total);
             p[k] = value;
             cell_error += (double)value * (double)d[k];
-            add_fixed(acc, batches, n_cov, n_batches, n_clusters, k, value);
+            add_fixed(acc, batches, n_cov, n_clusters, k, value);
         }
         cell_error = warp_all_sum(cell_error);
         if (lane == 0) {

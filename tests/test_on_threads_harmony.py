@@ -135,6 +135,65 @@ def test_kernels_as_numba_twins(device, monkeypatch, shared):
     np.testing.assert_allclose(dev[4], host[4], rtol=1e-5)
 
 
+def test_assign_then_sums_as_assign_and_batch_sums(device):
+    # the next block's sums computed with this block's assignment (host: one parallel region)
+    # equal batch_sums after the assignment, on both sides
+    z, codes, n_levels, centroids = _problem(seed=2)
+    n_batches = sum(n_levels)
+    cell_batches = np.ascontiguousarray(codes.T, np.int32)
+    sigma = np.full(N_CLUSTERS, 0.1, np.float32)
+    inv_sigma = (1 / sigma).astype(np.float32)
+    x = HostSteps.unit_rows(z)
+    dist = 2 * (1 - x @ centroids.T)
+    r0 = np.random.default_rng(2).dirichlet(np.ones(N_CLUSTERS), N_CELLS).astype(np.float32)
+    keys = harmony.pass_keys(5, 1)
+    block, following = harmony.blocks(N_CELLS, 0.3, keys,
+                                      harmony.feistel_half_bits(-(-N_CELLS // harmony.TILE)))[1:3]
+    log_div = np.linspace(-1, 1, n_batches * N_CLUSTERS, dtype=np.float32).reshape(n_batches, -1)
+    results = {}
+    for steps in (HostSteps, DeviceSteps):
+        args = [steps.to_array(a) for a in (dist, sigma, inv_sigma, log_div, cell_batches)]
+        r_fused, r_apart = steps.to_array(r0.copy()), steps.to_array(r0.copy())
+        fused = steps.assign_then_sums(*args, n_batches, r_fused, block, following)
+        apart = steps.assign(*args, n_batches, r_apart, block)
+        following_sums = steps.batch_sums(r_apart, args[4], n_batches, following)
+        assert np.array_equal(np.array(fused[0]), np.array(apart[0]))
+        assert np.array_equal(np.array(fused[2]), np.array(following_sums))
+        assert np.array_equal(np.array(r_fused), np.array(r_apart))
+        np.testing.assert_array_equal(fused[1], apart[1])
+        results[steps.name] = np.array(fused[2])
+    assert np.array_equal(results["cpu"], results["gpu"])  # the same R rows: the same integers
+    total = results["cpu"][n_batches]
+    assert total.sum() > 0 and np.array_equal(results["cpu"][:n_levels[0]].sum(axis=0), total)
+
+
+def test_race_winners_as_every_key():
+    # the host's race skips the logarithm of rows that cannot win: the winners must be those
+    # of every key (kernels/harmony.cu's race_keys, then the column minima)
+    rng = np.random.default_rng(7)
+    for n, n_cols, seed in ((5000, 30, 1), (5000, 30, 2), (800, 100, 3)):
+        x = HostSteps.unit_rows(rng.normal(size=(n, 12)).astype(np.float32))
+        seed_rows = rng.integers(0, n, n_cols)
+        keys = x @ x[seed_rows].T
+        harmony._race_keys_host(keys, np.uint64(seed))
+        assert np.array_equal(HostSteps.race_winners(x, seed_rows, seed),
+                              harmony._winners(keys, np))
+
+
+def test_kmeans_step_as_numpy():
+    rng = np.random.default_rng(8)
+    x = HostSteps.unit_rows(rng.normal(size=(3000, 10)).astype(np.float32))
+    means = x[rng.choice(3000, 40, replace=False)].copy()
+    means[5] = means[4]  # a tie: the first mean takes the cells
+    sums, counts = HostSteps.kmeans_step(x, means)
+    norms = (means.astype(np.float64) ** 2).sum(axis=1).astype(np.float32)
+    labels = np.argmax(np.float32(2) * (x @ means.T) - norms, axis=1)
+    expected = np.zeros((40, 10))
+    np.add.at(expected, labels, x.astype(np.float64))
+    assert np.array_equal(counts, np.bincount(labels, minlength=40)) and counts[5] == 0
+    np.testing.assert_allclose(sums, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_race_keys_as_numba_twin(device):
     z, _, _, _ = _problem()
     x = HostSteps.unit_rows(z)

@@ -167,6 +167,21 @@ def test_one_cell_batch_runs_as_harmonypy(shifted):
     assert corr > 0.99, corr
 
 
+def test_combinations_as_numpy_unique():
+    # the cells' batch combinations (sorted, with each cell's number) through one number per
+    # cell, as np.unique(codes.T, axis=0) finds them
+    from gpusc.pp._harmony import _combinations
+
+    rng = np.random.default_rng(0)
+    for n_levels in ([4], [3, 2], [5, 1, 7]):
+        codes = np.stack([rng.integers(0, n, 500) + sum(n_levels[:i])
+                          for i, n in enumerate(n_levels)])
+        expected, inverse = np.unique(codes.T, axis=0, return_inverse=True)
+        combinations, combination = _combinations(codes, n_levels)
+        assert np.array_equal(combinations, expected)
+        assert np.array_equal(combination, inverse.reshape(-1))
+
+
 def test_max_iter_zero_leaves_the_embedding(shifted):
     adata = shifted[:300].copy()
     gpusc.pp.harmony_integrate(adata, "batch", max_iter_harmony=0, device="cpu")

@@ -12,13 +12,16 @@ same methods, called by the driver in :mod:`gpusc.pp._harmony`:
   entropy terms; with ``similarity=True`` (no penalty) ``dist`` first holds cosine
   similarities and is turned into ``2 (1 - s)`` in place;
 * ``batch_sums``: the per-batch sums of the current ``R`` over the same cells;
+  ``assign_then_sums``: ``assign`` on one block and ``batch_sums`` of the next (other cells)
+  together, one parallel region per block on the host;
 * ``ridge_sums``: per combination of batches (cells are kept sorted by combination), the
   R-weighted coordinate sums ``R_c^T [Z, 1]`` in double;
 * ``correct``: ``Z_corr = Z - R_c @ M_c`` per combination;
 * ``kmeans_*``: the steps of the k-means start.
 
 Determinism: the per-batch sums of soft assignments are kept in fixed point (int64, each
-value rounded to a multiple of 2**-32), so they are exact, independent of the order of the
+value rounded to a multiple of 2**-32; the row of every cell is the batch rows' sum divided by
+the number of keys), so they are exact, independent of the order of the
 additions (device atomics, host threads) and identical on host and device for equal ``R``.
 Float sums (objective terms) are per fixed chunk (host) or per block of a fixed grid
 (device), added in order. Matrix products go to BLAS / cuBLAS, which are deterministic for a
@@ -51,14 +54,19 @@ MAX_GRID = 1024
 # Host chunks of a range of cells: a fixed count (not the thread count), so the order of the
 # float additions is the same on every machine. The int64 per-batch sums are exact in any
 # order. A range with less work than PARALLEL_WORK (cells x clusters) runs on one thread:
-# waking the others would cost more than it saves.
+# waking the others would cost more than it saves. Measured on 2 idle cores (K = 100): a block
+# of 160 cells takes 56 us on one thread and 29 us on two; the 2,500-cell blocks of a
+# 50,000-cell pass 750 us and 330 us. Below 2**17 (1,300 cells at K = 100) two threads save
+# little, and on a busy machine each parallel region waits for a descheduled thread.
 HOST_CHUNKS = 16
-PARALLEL_WORK = 1 << 20
+PARALLEL_WORK = 1 << 17
 # Device shared memory for a block's per-batch partial sums (int64); beyond it the kernels add
 # to global memory directly (same integers, same result).
 SHARED_SUMS_BYTES = 40 * 1024
 # Host float loops may be reassociated (vectorised reductions), in a fixed order per build.
 FAST = True
+# Running maxima of a host row's largest value (one vector of float32).
+MAX_LANES = 8
 # 2**f on [0, 1): degree-6 fit (relative error below 1e-7 in float32), for the host's
 # vectorisable exp of non-positive logits.
 EXP2_POLY = (np.float32(1.0), np.float32(0.6931470632553101), np.float32(0.24022932350635529),
@@ -222,12 +230,9 @@ def _unit_rows_host(x, out):
 
 @numba.njit(inline="always")
 def _add_fixed_row(part, c, batches, n_batches, values):
-    # the row's values in fixed point, added to each of the cell's batches and to the last
-    # row (every cell); in double, as the kernels round
+    # the row's values in fixed point, added to each of the cell's batches (in double, as the
+    # kernels round); the row of every cell is filled afterwards by fill_every_cell
     n_clusters = values.size
-    total = part[c, n_batches]
-    for k in range(n_clusters):
-        total[k] += np.int64(np.float64(values[k]) * FIXED_SCALE + 0.5)
     for v in range(batches.size):
         row = part[c, batches[v]]
         for k in range(n_clusters):
@@ -260,6 +265,31 @@ def _batch_sums_serial(r, cell_batches, n_batches, part, first, n_slots, n_tiles
 
 
 @numba.njit(inline="always")
+def _largest(values, lanes):
+    # max(values), in MAX_LANES running maxima: LLVM leaves a plain max loop scalar (a float
+    # max is no reassociable reduction for it); this form vectorises, 2x faster per cell.
+    # The maximum is exact, whatever the order.
+    size = values.size
+    if size < MAX_LANES:
+        largest = values[0]
+        for k in range(size):
+            largest = max(largest, values[k])
+        return largest
+    for lane in range(MAX_LANES):
+        lanes[lane] = values[lane]
+    full = size - size % MAX_LANES
+    for start in range(MAX_LANES, full, MAX_LANES):
+        for lane in range(MAX_LANES):
+            lanes[lane] = max(lanes[lane], values[start + lane])
+    largest = lanes[0]
+    for lane in range(MAX_LANES):
+        largest = max(largest, lanes[lane])
+    for k in range(full, size):
+        largest = max(largest, values[k])
+    return largest
+
+
+@numba.njit(inline="always")
 def _assign_chunk(c, n_chunks, dist, sigma, inv_sigma, log_div, penalised, cell_batches,
                   n_batches, r, similarity, part, terms, first, n_slots, n_tiles, n, half, k0,
                   k1, k2, k3):
@@ -273,6 +303,7 @@ def _assign_chunk(c, n_chunks, dist, sigma, inv_sigma, log_div, penalised, cell_
     values = np.empty(n_clusters, np.float32)
     bits = np.empty(n_clusters, np.int32)
     powers = bits.view(np.float32)
+    lanes = np.empty(MAX_LANES, np.float32)
     p0, p1, p2, p3, p4, p5, p6 = EXP2_POLY
     error = 0.0
     entropy = 0.0
@@ -292,9 +323,7 @@ def _assign_chunk(c, n_chunks, dist, sigma, inv_sigma, log_div, penalised, cell_
                 penalty = log_div[batches[v]]
                 for k in range(n_clusters):
                     values[k] += penalty[k]
-        largest = values[0]
-        for k in range(n_clusters):
-            largest = max(largest, values[k])
+        largest = _largest(values, lanes)
         for k in range(n_clusters):
             s = values[k] - largest
             shifted[k] = s
@@ -329,20 +358,65 @@ def _assign_chunk(c, n_chunks, dist, sigma, inv_sigma, log_div, penalised, cell_
 
 @numba.njit(parallel=True, cache=True, fastmath=FAST)
 def _assign_parallel(dist, sigma, inv_sigma, log_div, penalised, cell_batches, n_batches, r,
-                     similarity, part, terms, first, n_slots, n_tiles, n, half, k0, k1, k2, k3):
+                     similarity, part, terms, first, n_slots, n_tiles, n, half, k0, k1, k2, k3,
+                     next_part, next_first, next_slots):
+    # with next_slots > 0, each chunk also adds the current rows of its share of the next block
+    # of the pass (other cells: this block writes none of their rows) to next_part, so one
+    # parallel region per block does both
     for c in numba.prange(part.shape[0]):
         _assign_chunk(c, part.shape[0], dist, sigma, inv_sigma, log_div, penalised,
                       cell_batches, n_batches, r, similarity, part, terms, first, n_slots,
                       n_tiles, n, half, k0, k1, k2, k3)
+        _batch_sums_chunk(c, part.shape[0], r, cell_batches, n_batches, next_part, next_first,
+                          next_slots, n_tiles, n, half, k0, k1, k2, k3)
 
 
 @numba.njit(cache=True, fastmath=FAST)
 def _assign_serial(dist, sigma, inv_sigma, log_div, penalised, cell_batches, n_batches, r,
-                   similarity, part, terms, first, n_slots, n_tiles, n, half, k0, k1, k2, k3):
+                   similarity, part, terms, first, n_slots, n_tiles, n, half, k0, k1, k2, k3,
+                   next_part, next_first, next_slots):
     for c in range(part.shape[0]):
         _assign_chunk(c, part.shape[0], dist, sigma, inv_sigma, log_div, penalised,
                       cell_batches, n_batches, r, similarity, part, terms, first, n_slots,
                       n_tiles, n, half, k0, k1, k2, k3)
+        _batch_sums_chunk(c, part.shape[0], r, cell_batches, n_batches, next_part, next_first,
+                          next_slots, n_tiles, n, half, k0, k1, k2, k3)
+
+
+@numba.njit(cache=True, fastmath=FAST)
+def _ridge_sums_rows(r, z, lo, hi, out):
+    # out (K, d + 1) float64 += r[lo:hi].T @ [z[lo:hi], 1], in double; four cells per pass over
+    # out (BLAS is slow on this shape: a long inner dimension, a small result)
+    n_clusters, n_dims = r.shape[1], z.shape[1]
+    i = lo
+    while i + 4 <= hi:
+        z0, z1, z2, z3 = z[i], z[i + 1], z[i + 2], z[i + 3]
+        for k in range(n_clusters):
+            w0, w1 = np.float64(r[i, k]), np.float64(r[i + 1, k])
+            w2, w3 = np.float64(r[i + 2, k]), np.float64(r[i + 3, k])
+            row = out[k]
+            for a in range(n_dims):
+                row[a] += (w0 * np.float64(z0[a]) + w1 * np.float64(z1[a])
+                           + w2 * np.float64(z2[a]) + w3 * np.float64(z3[a]))
+            row[n_dims] += w0 + w1 + w2 + w3
+        i += 4
+    for rest in range(i, hi):
+        for k in range(n_clusters):
+            w = np.float64(r[rest, k])
+            for a in range(n_dims):
+                out[k, a] += w * np.float64(z[rest, a])
+            out[k, n_dims] += w
+
+
+@numba.njit(parallel=True, cache=True)
+def _ridge_sums_host(r, z, segments, part):
+    # part (n_segments, n_chunks, K, d + 1): chunk c of segment s, rows in fixed chunks
+    n_chunks = part.shape[1]
+    for t in numba.prange(part.shape[0] * n_chunks):
+        s, c = t // n_chunks, t % n_chunks
+        lo, size = segments[s], segments[s + 1] - segments[s]
+        _ridge_sums_rows(r, z, lo + size * c // n_chunks, lo + size * (c + 1) // n_chunks,
+                         part[s, c])
 
 
 @numba.njit(inline="always")
@@ -352,43 +426,94 @@ def _mix64(z):
     return z ^ (z >> np.uint64(31))
 
 
+@numba.njit(inline="always")
+def _race_uniform(seed, t):
+    # kernels/harmony.cu's race_keys: u uniform in (0, 1) from a hash of (seed, t)
+    z = _mix64(np.uint64(seed) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(t))
+    return (np.float32(z >> np.uint64(40)) + np.float32(0.5)) * np.float32(5.9604644775390625e-08)
+
+
+@numba.njit(inline="always")
+def _race_denominator(s):
+    return np.abs(np.float32(2.0) * (np.float32(1.0) - s)) + np.float32(1e-10)
+
+
 @numba.njit(parallel=True, cache=True)
 def _race_keys_host(sim, seed):
     # kernels/harmony.cu's race_keys
     n_cols = sim.shape[1]
     for i in numba.prange(sim.shape[0]):
         for k in range(n_cols):
-            t = np.uint64(i * n_cols + k + 1)
-            z = _mix64(np.uint64(seed) + np.uint64(0x9E3779B97F4A7C15) * t)
-            u = (np.float32(z >> np.uint64(40)) + np.float32(0.5)) * np.float32(5.9604644775390625e-08)
-            distance = np.abs(np.float32(2.0) * (np.float32(1.0) - sim[i, k]))
-            sim[i, k] = -np.log(u) / (distance + np.float32(1e-10))
-
-
-@numba.njit(parallel=True, cache=True)
-def _nearest_host(products, norms, out):
-    # the mean with the largest 2 x.m - |m|^2 per cell (the first on ties), from x @ means.T
-    for i in numba.prange(products.shape[0]):
-        best = 0
-        best_score = -np.inf
-        for k in range(products.shape[1]):
-            score = np.float32(2.0) * products[i, k] - norms[k]
-            if score > best_score:
-                best_score = score
-                best = k
-        out[i] = best
+            u = _race_uniform(seed, i * n_cols + k + 1)
+            sim[i, k] = -np.log(u) / _race_denominator(sim[i, k])
 
 
 @numba.njit(cache=True)
-def _cluster_sums_host(x, labels, n_clusters):
-    sums = np.zeros((n_clusters, x.shape[1]))
-    counts = np.zeros(n_clusters, np.int64)
-    for i in range(x.shape[0]):
-        g = labels[i]
-        counts[g] += 1
-        for a in range(x.shape[1]):
-            sums[g, a] += x[i, a]
-    return sums, counts
+def _race_scan(sim, seed, lo, hi, keys, rows):
+    # rows lo..hi-1 of _race_argmin_host; keys, rows: the chunk's best so far per column
+    n_cols = sim.shape[1]
+    uniforms = np.empty(n_cols, np.float32)
+    denominators = np.empty(n_cols, np.float32)
+    for i in range(lo, hi):
+        candidate = False  # the bound loop vectorises; logarithms only for rows that may win
+        for k in range(n_cols):
+            u = _race_uniform(seed, i * n_cols + k + 1)
+            denominator = _race_denominator(sim[i, k])
+            uniforms[k] = u
+            denominators[k] = denominator
+            candidate |= (1.0 - np.float64(u)
+                          <= 1.001 * np.float64(keys[k]) * np.float64(denominator))
+        if not candidate:
+            continue
+        for k in range(n_cols):
+            key = -np.log(uniforms[k]) / denominators[k]
+            if key < keys[k]:
+                keys[k] = key
+                rows[k] = i
+
+
+@numba.njit(parallel=True, cache=True)
+def _race_argmin_host(sim, seed, n_chunks):
+    """Per column, the row with the smallest race key (the first on ties), as
+    ``argmin(axis=0)`` of _race_keys_host's keys, without writing them. The key
+    -log(u) / denominator is at least (1 - u) / denominator (-log u >= 1 - u): a row whose bound
+    is above the chunk's best key so far (with a margin far above float32 rounding) cannot win,
+    and its logarithms are skipped (after a chunk's first rows, nearly all of them)."""
+    n, n_cols = sim.shape
+    best_key = np.full((n_chunks, n_cols), np.inf, np.float32)
+    best_row = np.zeros((n_chunks, n_cols), np.int64)
+    for c in numba.prange(n_chunks):
+        _race_scan(sim, seed, n * c // n_chunks, n * (c + 1) // n_chunks, best_key[c],
+                   best_row[c])
+    out = best_row[0].copy()
+    for k in range(n_cols):  # chunks in order: the first row on ties
+        key = best_key[0, k]
+        for c in range(1, n_chunks):
+            if best_key[c, k] < key:
+                key = best_key[c, k]
+                out[k] = best_row[c, k]
+    return out
+
+
+@numba.njit(parallel=True, cache=True, fastmath=FAST)
+def _lloyd_sums_host(products, norms, x, sums, counts):
+    # each cell's mean with the largest 2 x.m - |m|^2 (the first on ties), from x @ means.T;
+    # per fixed chunk of cells (sums (n_chunks, K, d) float64, counts (n_chunks, K)) the
+    # coordinate sums and sizes of the cells nearest to each mean
+    n, n_clusters, n_chunks = products.shape[0], products.shape[1], sums.shape[0]
+    for c in numba.prange(n_chunks):
+        scores = np.empty(n_clusters, np.float32)
+        lanes = np.empty(MAX_LANES, np.float32)
+        for i in range(n * c // n_chunks, n * (c + 1) // n_chunks):
+            for k in range(n_clusters):
+                scores[k] = np.float32(2.0) * products[i, k] - norms[k]
+            largest = _largest(scores, lanes)  # vectorised; then its first position
+            best = n_clusters
+            for k in range(n_clusters):
+                best = min(best, k if scores[k] == largest else n_clusters)
+            counts[c, best] += 1
+            for a in range(x.shape[1]):
+                sums[c, best, a] += x[i, a]
 
 
 def _winners(keys, xp) -> np.ndarray:
@@ -407,15 +532,36 @@ def _winners(keys, xp) -> np.ndarray:
     return winners
 
 
+def fill_every_cell(sums, n_keys: int):
+    """Row ``n_batches`` (every cell) of per-batch fixed-point sums ((n_batches + 1, K), host
+    or device): each cell is in one batch of each key, so the batch rows add up to n_keys times
+    the sum over the cells, exactly (integers). The kernels leave that row out: half the
+    fixed-point additions with one key."""
+    n_batches = sums.shape[0] - 1
+    sums[n_batches] = sums[:n_batches].sum(axis=0) // n_keys
+    return sums
+
+
+@numba.njit(cache=True)
+def _log_diversity_host(o_sums, removed, batch_share, theta, out):
+    n_batches, n_clusters = out.shape
+    for k in range(n_clusters):
+        total = np.float64(o_sums[n_batches, k] - removed[n_batches, k]) / FIXED_SCALE
+        for b in range(n_batches):
+            o = np.float64(o_sums[b, k] - removed[b, k]) / FIXED_SCALE
+            e = batch_share[b] * total
+            out[b, k] = np.float32(theta[b] * (np.log(2.0 * e + 1.0) - np.log(o + e + 1.0)))
+
+
 def log_diversity_host(o_sums, removed, batch_share, theta):
     """theta_b (log(2 E + 1) - log(O + E + 1)) per batch and cluster (float32), from the fixed
     point sums ``o_sums`` ((n_batches + 1, K) int64, last row: every cell) less ``removed``,
-    with E = batch_share_b * (sum over every cell): kernels/harmony.cu's log_diversity."""
-    n_batches = batch_share.size
-    held = o_sums if removed is None else o_sums - removed
-    o = held[:n_batches] / FIXED_SCALE
-    e = batch_share[:, None] * (held[n_batches] / FIXED_SCALE)[None, :]
-    return (theta[:, None] * (np.log(2.0 * e + 1.0) - np.log(o + e + 1.0))).astype(np.float32)
+    with E = batch_share_b * (sum over every cell): kernels/harmony.cu's log_diversity. One
+    numba call: it runs once per block of cells."""
+    out = np.empty((batch_share.size, o_sums.shape[1]), np.float32)
+    _log_diversity_host(o_sums, np.zeros_like(o_sums) if removed is None else removed,
+                        batch_share, theta, out)
+    return out
 
 
 class HostSteps:
@@ -452,19 +598,44 @@ class HostSteps:
         """Soft assignments of the cells of ``order``, written to ``r``; returns (int64
         (n_batches + 1, K) fixed-point sums of the new rows, float64 [sum p dist,
         sum sigma p log p] over them)."""
+        added, terms, _ = HostSteps._assign(dist, sigma, inv_sigma, log_div, cell_batches,
+                                            n_batches, r, order, similarity, None)
+        return added, terms
+
+    @staticmethod
+    def assign_then_sums(dist, sigma, inv_sigma, log_div, cell_batches, n_batches, r,
+                         order: Pass, following: Pass):
+        """:meth:`assign` on the cells of ``order``, and :meth:`batch_sums` of ``following`` (the
+        next block of the same pass: other cells) in the same parallel region; returns
+        (added, terms, the following block's sums)."""
+        return HostSteps._assign(dist, sigma, inv_sigma, log_div, cell_batches, n_batches, r,
+                                 order, False, following)
+
+    @staticmethod
+    def _assign(dist, sigma, inv_sigma, log_div, cell_batches, n_batches, r, order, similarity,
+                following):
+        # assign and assign_then_sums: one kernel call, the following block's sums when given
         n_clusters = r.shape[1]
         penalised = log_div is not None
         log_div = log_div if penalised else np.zeros((1, 1), np.float32)
         n_chunks = _chunks(order.n_slots, (n_batches + 1) * n_clusters)
         part = np.zeros((n_chunks, n_batches + 1, n_clusters), np.int64)
+        next_part = np.zeros((1 if following is None else n_chunks, n_batches + 1, n_clusters),
+                             np.int64)
         terms = np.zeros((n_chunks, 2))
-        kernel = _assign_parallel if order.n_slots * n_clusters >= PARALLEL_WORK else _assign_serial
+        work = (order.n_slots + (following.n_slots if following is not None else 0)) * n_clusters
+        kernel = _assign_parallel if work >= PARALLEL_WORK else _assign_serial
         kernel(dist, sigma, inv_sigma, log_div, penalised, cell_batches, n_batches, r,
-               similarity, part, terms, *order.args())
-        out = np.zeros(2)
-        for t in terms:  # in chunk order
-            out += t
-        return part.sum(axis=0), out
+               similarity, part, terms, *order.args(), next_part,
+               np.int64(0 if following is None else following.first_tile),
+               np.int64(0 if following is None else following.n_slots))
+        error = entropy = 0.0
+        for chunk_error, chunk_entropy in terms.tolist():  # in chunk order
+            error += chunk_error
+            entropy += chunk_entropy
+        n_keys = cell_batches.shape[1]
+        return (fill_every_cell(part.sum(axis=0), n_keys), np.array([error, entropy]),
+                None if following is None else fill_every_cell(next_part.sum(axis=0), n_keys))
 
     @staticmethod
     def batch_sums(r, cell_batches, n_batches, order: Pass):
@@ -475,7 +646,7 @@ class HostSteps:
         kernel = (_batch_sums_parallel if order.n_slots * n_clusters >= PARALLEL_WORK
                   else _batch_sums_serial)
         kernel(r, cell_batches, n_batches, part, *order.args())
-        return part.sum(axis=0)
+        return fill_every_cell(part.sum(axis=0), cell_batches.shape[1])
 
     log_diversity = staticmethod(log_diversity_host)
 
@@ -485,16 +656,13 @@ class HostSteps:
         return o_sums
 
     @staticmethod
-    def ridge_sums(r, z_ones, segments) -> np.ndarray:
-        """(n_segments, K, d + 1) float64: R^T [Z, 1] over each segment of rows, in double."""
-        n_clusters, width = r.shape[1], z_ones.shape[1]
-        out = np.zeros((len(segments) - 1, n_clusters, width))
-        step = 16384  # rows per product: bounds the float64 copy of R
-        for c in range(len(segments) - 1):
-            for lo in range(segments[c], segments[c + 1], step):
-                hi = min(lo + step, segments[c + 1])
-                out[c] += r[lo:hi].T.astype(np.float64) @ z_ones[lo:hi]
-        return out
+    def ridge_sums(r, z, segments) -> np.ndarray:
+        """(n_segments, K, d + 1) float64: R^T [Z, 1] over each segment of rows, in double
+        (``z`` float32). Each segment in HOST_CHUNKS fixed chunks of rows, added in order."""
+        segments = np.asarray(segments, np.int64)
+        part = np.zeros((len(segments) - 1, HOST_CHUNKS, r.shape[1], z.shape[1] + 1))
+        _ridge_sums_host(r, z, segments, part)
+        return part.sum(axis=1)
 
     @staticmethod
     def correct(z, r, corrections, segments, out):
@@ -510,17 +678,24 @@ class HostSteps:
         """The k-means start's picks: for each seed row, a cell drawn with probability
         proportional to its distance 2 (1 - cos) from it, no cell twice (host int64 array)."""
         keys = x @ x[seed_rows].T
-        _race_keys_host(keys, np.uint64(seed))
+        winners = _race_argmin_host(keys, np.uint64(seed), HOST_CHUNKS)
+        if np.unique(winners).size == winners.size:
+            return winners
+        _race_keys_host(keys, np.uint64(seed))  # rare: a cell won two columns
         return _winners(keys, np)
 
     @staticmethod
-    def kmeans_step(x, means):
-        """One Lloyd step: (float64 (K, d) sums of each nearest-mean cluster, int64 sizes)."""
+    def kmeans_step(x, means, products=None):
+        """One Lloyd step: (float64 (K, d) sums of each nearest-mean cluster, int64 sizes);
+        ``products``: an (n, K) float32 array to reuse for x @ means.T, or None. The sums per
+        HOST_CHUNKS fixed chunks of cells, added in order."""
         means = np.asarray(means, np.float32)
         norms = (means.astype(np.float64) ** 2).sum(axis=1).astype(np.float32)
-        labels = np.empty(x.shape[0], np.int64)
-        _nearest_host(x @ means.T, norms, labels)
-        return _cluster_sums_host(x, labels, means.shape[0])
+        products = np.matmul(x, means.T, out=products)
+        sums = np.zeros((HOST_CHUNKS, means.shape[0], x.shape[1]))
+        counts = np.zeros((HOST_CHUNKS, means.shape[0]), np.int64)
+        _lloyd_sums_host(products, norms, x, sums, counts)
+        return sums.sum(axis=0), counts.sum(axis=0)
 
 
 # ---------------------------------------------------------------- device
@@ -601,7 +776,15 @@ class DeviceSteps:
         out = np.zeros(2)
         for t in host_terms:  # in block order
             out += t
-        return sums.reshape(n_batches + 1, n_clusters), out
+        return fill_every_cell(sums.reshape(n_batches + 1, n_clusters), cell_batches.shape[1]), out
+
+    @staticmethod
+    def assign_then_sums(dist, sigma, inv_sigma, log_div, cell_batches, n_batches, r,
+                         order: Pass, following: Pass):
+        """:meth:`assign` on ``order``, then :meth:`batch_sums` of ``following``."""
+        added, terms = DeviceSteps.assign(dist, sigma, inv_sigma, log_div, cell_batches,
+                                          n_batches, r, order)
+        return added, terms, DeviceSteps.batch_sums(r, cell_batches, n_batches, following)
 
     @staticmethod
     def batch_sums(r, cell_batches, n_batches, order: Pass):
@@ -614,7 +797,7 @@ class DeviceSteps:
                     (r, cell_batches, np.int32(cell_batches.shape[1]), np.int32(n_batches),
                      np.int32(n_clusters), *order.device_args(), sums, np.int32(shared > 0)),
                     shared_mem=shared)
-        return sums.reshape(n_batches + 1, n_clusters)
+        return fill_every_cell(sums.reshape(n_batches + 1, n_clusters), cell_batches.shape[1])
 
     @staticmethod
     def log_diversity(o_sums, removed, batch_share, theta):
@@ -635,16 +818,18 @@ class DeviceSteps:
         return o_sums
 
     @staticmethod
-    def ridge_sums(r, z_ones, segments) -> np.ndarray:
+    def ridge_sums(r, z, segments) -> np.ndarray:
         import cupy as cp
 
-        n_clusters, width = r.shape[1], z_ones.shape[1]
+        n_clusters, width = r.shape[1], z.shape[1] + 1
         out = cp.zeros((len(segments) - 1, n_clusters, width), np.float64)
-        step = 1 << 18  # rows per product: bounds the float64 copy of R (200 MiB at K = 100)
+        step = 1 << 18  # rows per product: bounds the float64 copies (200 MiB of R at K = 100)
         for c in range(len(segments) - 1):
             for lo in range(segments[c], segments[c + 1], step):
                 hi = min(lo + step, segments[c + 1])
-                out[c] += r[lo:hi].T.astype(np.float64) @ z_ones[lo:hi]  # cuBLAS DGEMM
+                z_ones = cp.full((hi - lo, width), 1.0, np.float64)
+                z_ones[:, :-1] = z[lo:hi]
+                out[c] += r[lo:hi].T.astype(np.float64) @ z_ones  # cuBLAS DGEMM
         return out.get()  # synchronize!
 
     @staticmethod
@@ -667,9 +852,10 @@ class DeviceSteps:
         return _winners(keys, cp)
 
     @staticmethod
-    def kmeans_step(x, means):
+    def kmeans_step(x, means, products=None):
         """One Lloyd step: the nearest mean per cell from a cuBLAS product, then each cluster's
-        sum as one-hot products over fixed chunks of cells, added in order (no atomics)."""
+        sum as one-hot products over fixed chunks of cells, added in order (no atomics).
+        ``products`` is not used: CuPy's memory pool reuses the product's memory."""
         import cupy as cp
 
         means = cp.asarray(means, np.float32)

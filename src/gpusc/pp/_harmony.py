@@ -89,8 +89,8 @@ def harmony_integrate(
     The same input and ``random_state`` give identical results run to run on one machine
     (per-batch sums of R in exact fixed point, every float sum in a fixed order). Progress is
     logged per Harmony iteration with scanpy's logging (info level with ``verbose``, debug
-    level without). Device memory: the embedding four times in float32 and once in float64
-    with a column of ones, two cells × clusters float32 arrays, and a float64 copy of R for up
+    level without). Device memory: the embedding four times in float32, two cells × clusters
+    float32 arrays, and float64 copies of R and of the embedding with a column of ones for up
     to 2**18 cells at a time.
 
     Parameters
@@ -383,13 +383,15 @@ def harmonize(z, codes, n_levels, *, n_clusters, theta, lamb, alpha, sigma, bloc
     """
     n, n_dims = z.shape
     n_batches = int(sum(n_levels))
-    combinations, combination = np.unique(codes.T, axis=0, return_inverse=True)
-    combination = combination.reshape(-1)
+    combinations, combination = _combinations(codes, n_levels)
     # cells grouped by combination, in a seeded random order within each: the tiles of
     # consecutive cells that the passes visit together hold random cells
     rng = np.random.default_rng(random_state)
     shuffled = rng.permutation(n)
-    order = shuffled[np.argsort(combination[shuffled], kind="stable")]
+    shuffled_combination = combination[shuffled]
+    if len(combinations) <= np.iinfo(np.uint16).max:  # numpy sorts 16 bits by radix: faster
+        shuffled_combination = shuffled_combination.astype(np.uint16)
+    order = shuffled[np.argsort(shuffled_combination, kind="stable")]
     segments = np.concatenate([[0], np.cumsum(np.bincount(combination,
                                                           minlength=len(combinations)))])
     batch_sizes = np.bincount(codes.reshape(-1), minlength=n_batches).astype(np.float64)
@@ -398,7 +400,6 @@ def harmonize(z, codes, n_levels, *, n_clusters, theta, lamb, alpha, sigma, bloc
 
     z_sorted = np.ascontiguousarray(z[order], dtype=np.float32)
     z_orig = steps.to_array(z_sorted, np.float32)
-    z_ones = steps.to_array(np.hstack([z_sorted.astype(np.float64), np.ones((n, 1))]))
     cell_batches = steps.to_array(codes.T[order], np.int32)
     sigma_array = steps.to_array(sigma, np.float32)
     inv_sigma = steps.to_array(1.0 / sigma.astype(np.float32), np.float32)
@@ -445,12 +446,20 @@ def harmonize(z, codes, n_levels, *, n_clusters, theta, lamb, alpha, sigma, bloc
             keys = _harmony.pass_keys(random_state, pass_index)
             pass_index += 1
             terms = np.zeros(2)
-            for block in _harmony.blocks(n, block_size, keys, half):
-                removed = steps.batch_sums(r, cell_batches, n_batches, block)
+            parts = _harmony.blocks(n, block_size, keys, half)
+            removed = steps.batch_sums(r, cell_batches, n_batches, parts[0])
+            for b, block in enumerate(parts):
                 log_div = steps.log_diversity(o_sums, removed, share_array, theta_array)
-                added, block_terms = steps.assign(dist, sigma_array, inv_sigma, log_div,
-                                                  cell_batches, n_batches, r, block)
+                if b + 1 < len(parts):  # the next block's current sums in the same call
+                    added, block_terms, following = steps.assign_then_sums(
+                        dist, sigma_array, inv_sigma, log_div, cell_batches, n_batches, r, block,
+                        parts[b + 1])
+                else:
+                    added, block_terms = steps.assign(dist, sigma_array, inv_sigma, log_div,
+                                                      cell_batches, n_batches, r, block)
+                    following = None
                 steps.apply_delta(o_sums, removed, added)
+                removed = following
                 terms += block_terms
             record(terms, steps.to_host(o_sums))
             rounds = i + 1
@@ -462,7 +471,7 @@ def harmonize(z, codes, n_levels, *, n_clusters, theta, lamb, alpha, sigma, bloc
         o_host = steps.to_host(o_sums)
         o = o_host[:n_batches] / _harmony.FIXED_SCALE
         e = batch_share[:, None] * (o_host[n_batches] / _harmony.FIXED_SCALE)[None, :]
-        sums = steps.ridge_sums(r, z_ones, segments)
+        sums = steps.ridge_sums(r, z_orig, segments)
         centroids, corrections = ridge_correction(
             sums, combinations, batch_key, n_levels, o, e, batch_sizes, centroids, lamb=lamb,
             alpha=alpha, cutoff=batch_prop_cutoff)
@@ -484,6 +493,25 @@ def harmonize(z, codes, n_levels, *, n_clusters, theta, lamb, alpha, sigma, bloc
     return result
 
 
+def _combinations(codes: np.ndarray, n_levels) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct rows of ``codes.T`` (each cell's batches), sorted, and each cell's row
+    number among them: ``np.unique(codes.T, axis=0, return_inverse=True)``, through one number
+    per cell (the batches as digits, the first key's most significant) where that fits."""
+    offsets = np.concatenate([[0], np.cumsum(n_levels)[:-1]]).astype(np.int64)
+    if np.prod(np.asarray(n_levels, np.float64)) >= 2.0**62:
+        combinations, combination = np.unique(codes.T, axis=0, return_inverse=True)
+        return combinations, combination.reshape(-1)
+    number = np.zeros(codes.shape[1], np.int64)
+    for v, levels in enumerate(n_levels):
+        number = number * levels + (codes[v] - offsets[v])
+    distinct, combination = np.unique(number, return_inverse=True)
+    combinations = np.empty((distinct.size, len(n_levels)), codes.dtype)
+    for v in range(len(n_levels) - 1, -1, -1):
+        combinations[:, v] = distinct % n_levels[v] + offsets[v]
+        distinct = distinct // n_levels[v]
+    return combinations, combination.reshape(-1)
+
+
 def _kmeans_start(z_cos, n: int, n_clusters: int, rng, steps) -> np.ndarray:
     """harmony2's k-means start on the unit rows: for each centroid a random cell, and a cell
     drawn with probability proportional to its distance 2 (1 - cos) from it (no cell twice);
@@ -492,8 +520,9 @@ def _kmeans_start(z_cos, n: int, n_clusters: int, rng, steps) -> np.ndarray:
     race_seed = int(rng.integers(0, 2**63))
     picks = steps.race_winners(z_cos, seed_rows, race_seed)
     means = np.asarray(steps.to_host(z_cos[steps.to_array(picks, np.int64)]), np.float32)
+    products = steps.empty((n, n_clusters), np.float32)  # one buffer for every step
     for _ in range(KMEANS_START_STEPS):
-        sums, counts = steps.kmeans_step(z_cos, means)
+        sums, counts = steps.kmeans_step(z_cos, means, products)
         filled = counts > 0
         means[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
     return _unit(means)

@@ -14,6 +14,7 @@ import numpy as np
 from scipy import sparse
 
 from .._core import cuda
+from . import prange_only
 
 N_ITER = 64
 SMOOTH_K_TOLERANCE = 1e-5
@@ -41,69 +42,81 @@ def _mean32(values):
     return np.mean(values)
 
 
-@numba.njit(parallel=True, cache=True,
-            locals={"psum": numba.float32, "lo": numba.float32, "mid": numba.float32,
-                    "hi": numba.float32, "rho": numba.float32, "sigma": numba.float32,
-                    "d": numba.float32})
+@numba.njit(parallel=prange_only(), cache=True)
 def _memberships(idx, dist, target, mean_all, local_connectivity):
     n, k = dist.shape
     sigmas = np.zeros(n, np.float32)
     rhos = np.zeros(n, np.float32)
     vals = np.zeros((n, k), np.float32)
+    # the row's work is a function of its own: numba's parallel passes then see a one-line
+    # loop body, which compiles in a fraction of the time of the same code inlined in the loop
     for i in numba.prange(n):
-        row = dist[i]
-        # rho: the local_connectivity-th positive distance (interpolated), row sorted ascending
-        n_pos = 0
-        for j in range(k):
-            n_pos += row[j] > 0.0
-        positive = np.empty(n_pos, np.float32)
-        p = 0
-        for j in range(k):
-            if row[j] > 0.0:
-                positive[p] = row[j]
-                p += 1
-        rho = 0.0
-        if n_pos >= local_connectivity:
-            index = int(np.floor(local_connectivity))
-            interpolation = local_connectivity - index
-            if index > 0:
-                rho = positive[index - 1]
-                if interpolation > SMOOTH_K_TOLERANCE:
-                    rho += interpolation * (positive[index] - positive[index - 1])
-            else:
-                rho = interpolation * positive[0]
-        elif n_pos > 0:
-            rho = positive.max()
-        lo, hi, mid = 0.0, FLOAT32_MAX, 1.0
-        for _ in range(N_ITER):
-            psum = 0.0
-            for j in range(1, k):
-                d = row[j] - rho
-                if d > 0:
-                    psum += np.exp(-(d / mid))
-                else:
-                    psum += 1.0
-            if np.fabs(psum - target) < SMOOTH_K_TOLERANCE:
-                break
-            if psum > target:
-                hi = mid
-                mid = (lo + hi) / 2.0
-            else:
-                lo = mid
-                mid = mid * 2 if hi >= FLOAT32_MAX else (lo + hi) / 2.0
-        sigma = mid
-        floor = MIN_K_DIST_SCALE * (np.mean(row) if rho > 0.0 else mean_all)
-        if sigma < floor:
-            sigma = floor
-        sigmas[i], rhos[i] = sigma, rho
-        for j in range(k):
-            if idx[i, j] == i:
-                vals[i, j] = 0.0
-            elif row[j] - rho <= 0.0 or sigma == 0.0:
-                vals[i, j] = 1.0
-            else:
-                vals[i, j] = np.exp(-((row[j] - rho) / sigma))
+        # np.int64(i): prange's own index is unsigned inside its thread function, which
+        # would compile _membership_row a second time
+        sigmas[i], rhos[i] = _membership_row(np.int64(i), idx[i], dist[i], target, mean_all,
+                                             local_connectivity, vals[i])
     return vals, sigmas, rhos
+
+
+# No float32 ``locals=``: umap-learn declares them, but numba's SSA renames the variables its
+# loops reassign, so they do not apply and its sums run in float64, as here (the same sigmas,
+# bit for bit; with the declarations in force 10 of 600 differ in the last bit).
+@numba.njit(cache=True)
+def _membership_row(i, idx, row, target, mean_all, local_connectivity, vals):
+    """Point i's memberships into vals (k) from its sorted distances ``row``; returns its
+    sigma and rho."""
+    k = row.size
+    # rho: the local_connectivity-th positive distance (interpolated), row sorted ascending
+    n_pos = 0
+    for j in range(k):
+        n_pos += row[j] > 0.0
+    positive = np.empty(n_pos, np.float32)
+    p = 0
+    for j in range(k):
+        if row[j] > 0.0:
+            positive[p] = row[j]
+            p += 1
+    rho = 0.0
+    if n_pos >= local_connectivity:
+        index = int(np.floor(local_connectivity))
+        interpolation = local_connectivity - index
+        if index > 0:
+            rho = positive[index - 1]
+            if interpolation > SMOOTH_K_TOLERANCE:
+                rho += interpolation * (positive[index] - positive[index - 1])
+        else:
+            rho = interpolation * positive[0]
+    elif n_pos > 0:
+        rho = positive.max()
+    lo, hi, mid = 0.0, FLOAT32_MAX, 1.0
+    for _ in range(N_ITER):
+        psum = 0.0
+        for j in range(1, k):
+            d = row[j] - rho
+            if d > 0:
+                psum += np.exp(-(d / mid))
+            else:
+                psum += 1.0
+        if np.fabs(psum - target) < SMOOTH_K_TOLERANCE:
+            break
+        if psum > target:
+            hi = mid
+            mid = (lo + hi) / 2.0
+        else:
+            lo = mid
+            mid = mid * 2 if hi >= FLOAT32_MAX else (lo + hi) / 2.0
+    sigma = mid
+    floor = MIN_K_DIST_SCALE * (np.mean(row) if rho > 0.0 else mean_all)
+    if sigma < floor:
+        sigma = floor
+    for j in range(k):
+        if idx[j] == i:
+            vals[j] = 0.0
+        elif row[j] - rho <= 0.0 or sigma == 0.0:
+            vals[j] = 1.0
+        else:
+            vals[j] = np.exp(-((row[j] - rho) / sigma))
+    return sigma, rho
 
 
 def fuzzy_union_host(knn_idx: np.ndarray, vals: np.ndarray, n_obs: int) -> sparse.csr_matrix:

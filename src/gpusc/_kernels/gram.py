@@ -21,6 +21,7 @@ from fast_array_utils import types
 
 from .._core import cuda
 from .._core.arrays import canonical, placement, xp_of
+from . import prange_only
 
 BLOCK = 256  # threads per block of csr_rows_to_dense (one warp per row)
 NAME_EXPRESSIONS = tuple(
@@ -166,7 +167,7 @@ def _symmetric(upper, xp):
     return xp.triu(upper) + xp.triu(upper, 1).T
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=prange_only(), cache=True)
 def _mirror_upper_host(a):
     # a[j, i] = a[i, j] below the diagonal, in 64 × 64 blocks so that the strided side stays in cache
     n = a.shape[0]

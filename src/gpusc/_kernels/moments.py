@@ -37,6 +37,7 @@ from fast_array_utils import types
 
 from .._core import cuda
 from .._core.arrays import canonical
+from . import prange_only
 
 MODE_IDENTITY, MODE_EXPM1, MODE_CLIP = 0, 1, 2  # kernels/moments.cu's MODE_*
 COUNT_NONE, COUNT_POSITIVE, COUNT_NONZERO = 0, 1, 2  # kernels/moments.cu's COUNT_*
@@ -293,7 +294,7 @@ def _accumulate(acc, i, j, v, f, squares, count, at_count):
         acc[i, j, at_count] += 1.0  # a count, exact in double below 2^53
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=prange_only(), cache=True)
 def _moments_rows_host(data, indices, indptr, n_cols, rows, slice_start, slice_group, mode,
                        scale, clip, single, check_integer, squares, count):
     # CSR when indptr is given; C-ordered dense (data = x.ravel(), indices = all columns) when
@@ -307,38 +308,46 @@ def _moments_rows_host(data, indices, indptr, n_cols, rows, slice_start, slice_g
     sign = np.zeros(max(n_slices, 1), np.bool_)
     v_sum = np.zeros(max(n_slices, 1))
     flags = np.zeros(max(n_slices, 1), np.int64)
+    # a slice's work is a function of its own: numba's parallel passes compile a one-line loop
+    # body much faster than the same code inlined in it
     for k in numba.prange(n_slices):
         part[k] = 0.0
-        clip_row = clip[slice_group[k]]
-        bad = 0
-        negative = False
-        total = 0.0
-        for t in range(slice_start[k], slice_start[k + 1]):
-            r = rows[t]
-            if dense:
-                lo, hi = r * n_cols, (r + 1) * n_cols
-            else:
-                lo, hi = indptr[r], indptr[r + 1]
-            # the row's values and columns as views, and clip read only in MODE_CLIP: the
-            # inner loop then runs 1.5-2x faster (same additions, in the same order)
-            values = data[lo:hi]
-            cols = indices if dense else indices[lo:hi]
-            for i in range(values.size):
-                v = values[i]
-                col = cols[i]
-                bad |= _integer_flag(v, check_integer)
-                negative |= np.signbit(v)
-                total += v
-                c = clip_row[col] if mode == MODE_CLIP else 0.0
-                _accumulate(part, k, col, v, _transform(v, mode, scale, c, single), squares,
-                            count, at_count)
-        sign[k] = negative
-        v_sum[k] = total
-        flags[k] = bad
+        flags[k], sign[k], v_sum[k] = _moments_slice(
+            part, np.int64(k), data, indices, indptr, n_cols, rows[slice_start[k]:slice_start[k + 1]], dense,
+            mode, scale, clip[slice_group[k]], single, check_integer, squares, count, at_count)
     flag = 0
     for f in flags:
         flag |= f
     return part, v_sum.sum(), sign.any(), flag
+
+
+@numba.njit(cache=True)
+def _moments_slice(part, k, data, indices, indptr, n_cols, rows, dense, mode, scale, clip_row,
+                   single, check_integer, squares, count, at_count):
+    """:func:`_moments_rows_host` for slice k (its rows): adds to part[k]; returns the flag
+    bits, whether a value was negative, and the sum of the raw values."""
+    bad = 0
+    negative = False
+    total = 0.0
+    for r in rows:
+        if dense:
+            lo, hi = r * n_cols, (r + 1) * n_cols
+        else:
+            lo, hi = indptr[r], indptr[r + 1]
+        # the row's values and columns as views, and clip read only in MODE_CLIP: the
+        # inner loop then runs 1.5-2x faster (same additions, in the same order)
+        values = data[lo:hi]
+        cols = indices if dense else indices[lo:hi]
+        for i in range(values.size):
+            v = values[i]
+            col = cols[i]
+            bad |= _integer_flag(v, check_integer)
+            negative |= np.signbit(v)
+            total += v
+            c = clip_row[col] if mode == MODE_CLIP else 0.0
+            _accumulate(part, k, col, v, _transform(v, mode, scale, c, single), squares,
+                        count, at_count)
+    return bad, negative, total
 
 
 @numba.njit(parallel=True, cache=True)

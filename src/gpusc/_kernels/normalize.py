@@ -10,6 +10,7 @@ import numpy as np
 from fast_array_utils import types
 
 from .._core import cuda
+from . import prange_only
 
 WARPS_PER_BLOCK = 8
 _V, _I = (np.float32, np.float64), (np.int32, np.int64)
@@ -166,28 +167,35 @@ def _dense_as_rows(x: np.ndarray):
     return x.reshape(-1), np.empty(0, np.int64), indptr
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=prange_only(), cache=True)
 def _row_sums_host(data, indices, indptr, n_rows, n_cols, excluded):
     sums = np.zeros(n_rows)
     bad = np.zeros(n_rows, np.bool_)
     dense = indices.size == 0
-    for i in numba.prange(n_rows):
-        s, nonfinite = 0.0, False
-        if excluded.size == 0:  # the common case: a branch-free loop the compiler vectorises
-            for j in range(indptr[i], indptr[i + 1]):
-                s += data[j]
-            nonfinite = not np.isfinite(s)  # NaN and inf survive a sum of finite-or-not values
-        else:
-            for j in range(indptr[i], indptr[i + 1]):
-                v = data[j]
-                nonfinite |= not np.isfinite(v)
-                if not excluded[j - indptr[i] if dense else indices[j]]:
-                    s += v
-        sums[i], bad[i] = s, nonfinite
+    for i in numba.prange(n_rows):  # a one-line body: numba's parallel passes compile it fast
+        sums[i], bad[i] = _row_sum(data, indices, indptr[i], indptr[i + 1], dense, excluded)
     return sums, bool(bad.any())
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)
+def _row_sum(data, indices, lo, hi, dense, excluded):
+    """:func:`_row_sums_host` for the row stored in data[lo:hi]: its sum without the excluded
+    genes, and whether it holds NaN or inf."""
+    s, nonfinite = 0.0, False
+    if excluded.size == 0:  # the common case: a branch-free loop the compiler vectorises
+        for j in range(lo, hi):
+            s += data[j]
+        nonfinite = not np.isfinite(s)  # NaN and inf survive a sum of finite-or-not values
+    else:
+        for j in range(lo, hi):
+            v = data[j]
+            nonfinite |= not np.isfinite(v)
+            if not excluded[j - lo if dense else indices[j]]:
+                s += v
+    return s, nonfinite
+
+
+@numba.njit(parallel=prange_only(), cache=True)
 def _high_genes_host(data, indices, indptr, n_rows, n_cols, sums, max_fraction):
     n_chunks = max(1, min(32, n_rows))
     seen = np.zeros((n_chunks, n_cols), np.uint8)
@@ -204,7 +212,7 @@ def _high_genes_host(data, indices, indptr, n_rows, n_cols, sums, max_fraction):
     return out
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=prange_only(), cache=True)
 def _scale_rows_host(data, indptr, n_cols, divisor):
     for i in numba.prange(indptr.size - 1):
         inverse = 1.0 / divisor[i]  # one division per row; the product in float64 rounds as x / d

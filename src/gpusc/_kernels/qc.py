@@ -12,6 +12,7 @@ from fast_array_utils import types
 
 from .._core import cuda
 from .._core.arrays import canonical
+from . import prange_only
 from .moments import COUNT_NONZERO, gene_moments
 
 QC_VARS_PER_PASS = 4  # kernels/qc.cu's QC_VARS_PER_PASS
@@ -232,7 +233,7 @@ def _qc_row(values, cols, i, qc_masks, ns, row_total, row_nnz, row_qc, row_top, 
     return bad
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=prange_only(), cache=True)
 def _qc_host(data, indices, indptr, n_rows, n_cols, qc_masks, ns):
     # CSR when indptr is given; C-ordered dense (data = x.ravel(), indices = all columns)
     # when indptr is empty. Chunks of rows run in parallel.

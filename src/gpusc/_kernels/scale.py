@@ -13,6 +13,7 @@ from fast_array_utils import types
 
 from .._core import cuda
 from .._core.arrays import canonical
+from . import prange_only
 
 WARPS_PER_BLOCK = 8
 THREADS = 256
@@ -203,7 +204,7 @@ def _clamp(v, lo, hi):
     return v
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=prange_only(), cache=True)
 def _scale_dense_host(x, mean, std, centre, lo, hi):
     n_rows, n_cols = x.shape
     for r in numba.prange(n_rows):
@@ -214,7 +215,7 @@ def _scale_dense_host(x, mean, std, centre, lo, hi):
             x[r, c] = _clamp(v / std[c], lo, hi)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=prange_only(), cache=True)
 def _scale_sparse_host(data, indices, indptr, by_line, row_mask, std, hi):
     masked = row_mask.size > 0
     for i in numba.prange(indptr.size - 1):
@@ -226,7 +227,7 @@ def _scale_sparse_host(data, indices, indptr, by_line, row_mask, std, hi):
             data[j] = hi if v > hi else v
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=prange_only(), cache=True)
 def _scale_csr_to_dense_host(data, indices, indptr, mean, std, lo, hi, out):
     n_rows, n_cols = out.shape
     for r in numba.prange(n_rows):

@@ -30,6 +30,7 @@ import numpy as np
 from scipy import sparse
 
 from .._core import cuda
+from . import prange_only
 
 NAME_EXPRESSIONS = (
     *(cuda.template_name("umap_epoch", i) for i in (np.int32, np.int64)),
@@ -70,7 +71,7 @@ def drop_weak_edges(graph: sparse.csr_matrix, cut) -> sparse.csr_matrix:
     return out
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(parallel=prange_only(), cache=True)
 def _count_strong(indptr, data, cut, counts):
     for i in numba.prange(indptr.size - 1):
         k = 0
@@ -80,7 +81,7 @@ def _count_strong(indptr, data, cut, counts):
         counts[i] = k
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(parallel=prange_only(), cache=True)
 def _copy_strong(indptr, indices, data, cut, out_indptr, out_indices, out_data):
     for i in numba.prange(indptr.size - 1):
         q = out_indptr[i]
@@ -175,7 +176,7 @@ def _fixed(move):
     return np.int64(np.floor(move * FIXED_SCALE + 0.5))
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(parallel=prange_only(), cache=True)
 def _optimize_host(emb, head, tail, eps, eps_neg, n_epochs, a, b, gamma, alpha0, seed, n_blocks):
     n_vertices, dim = emb.shape
     n_edges = head.shape[0]
@@ -190,13 +191,21 @@ def _optimize_host(emb, head, tail, eps, eps_neg, n_epochs, a, b, gamma, alpha0,
                          n_edges * block // n_blocks, n_edges * (block + 1) // n_blocks,
                          epoch, n, alpha, a, b, gamma, seed)
         for i in numba.prange(n_vertices):
-            for d in range(dim):
-                q = np.int64(0)
-                for block in range(n_blocks):
-                    q += acc[block, i, d]
-                    acc[block, i, d] = 0
-                if q != 0:
-                    emb[i, d] = np.float32(np.float64(emb[i, d]) + np.float64(q) * (1.0 / FIXED_SCALE))
+            _apply_moves(emb, acc, np.int64(i))  # int64: one compilation (prange's index is unsigned)
+
+
+@numba.njit(cache=True)
+def _apply_moves(emb, acc, i):
+    """Vertex i's moves of the epoch, summed over the blocks' accumulators (which it zeroes),
+    added to its coordinates. A function of its own: numba's parallel passes compile a
+    one-line loop body much faster than the same code inlined in it."""
+    for d in range(emb.shape[1]):
+        q = np.int64(0)
+        for block in range(acc.shape[0]):
+            q += acc[block, i, d]
+            acc[block, i, d] = 0
+        if q != 0:
+            emb[i, d] = np.float32(np.float64(emb[i, d]) + np.float64(q) * (1.0 / FIXED_SCALE))
 
 
 @numba.njit(cache=True)

@@ -31,6 +31,8 @@ import numba
 import numpy as np
 from scipy import sparse
 
+from .._kernels import prange_only
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -188,7 +190,7 @@ def _visit_cell(cell, lib, first_class, last_class, cls_f, cls_phi, cls_genes, c
     return n
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=prange_only(), cache=True)
 def _walk_rows(cells, groups, libs, grp_cls, cls_f, cls_phi, cls_genes, cls_ptr, cls_fmax, cls_phimin, key,
                out, offsets, caps):
     """Cell ``cells[i]`` into its slot ``out[offsets[i]:offsets[i] + caps[i]]``, sorted; returns nnz per cell."""
@@ -203,7 +205,7 @@ def _walk_rows(cells, groups, libs, grp_cls, cls_f, cls_phi, cls_genes, cls_ptr,
     return nnz
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=prange_only(), cache=True)
 def _unpack(out, offsets, rows, indptr, indices, data):
     """Row ``rows[r]`` of the CSR from ``out[offsets[r]:]``."""
     for r in numba.prange(rows.shape[0]):

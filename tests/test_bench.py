@@ -95,7 +95,7 @@ def test_step_names_aliases_and_order():
     assert names == ["calculate_qc_metrics", "highly_variable_genes", "filter_highly_variable", "neighbors"]
     assert [s.name for s in _bench.step_names(None)] == [s.name for s in _bench.BENCH_STEPS]
     with pytest.raises(_bench.BenchError, match="unknown step"):
-        _bench.step_names("qc,tsne")
+        _bench.step_names("qc,nope")
 
 
 def test_missing_gpusc_functions_are_skipped(monkeypatch, tmp_path):
@@ -108,6 +108,83 @@ def test_missing_gpusc_functions_are_skipped(monkeypatch, tmp_path):
     record = json.loads((out / "bench.json").read_text())
     assert record["steps_run"] == ["calculate_qc_metrics"]
     assert "not in gpusc yet" in record["steps_skipped"]["log1p"]
+
+
+def test_integration_doublet_steps_against_their_references():
+    """harmony_integrate, scrublet and bbknn run from inputs of their own (batches drawn, raw
+    counts) side by side with harmonypy, scanpy and the bbknn package (exact), and the pipeline
+    state is left for the next step."""
+    import scanpy as sc
+
+    import gpusc
+    from gpusc.datasets import synthetic
+
+    counts = synthetic(n_obs=400, n_vars=1000, seed=3)
+    sc.pp.pca(counts, n_comps=20)
+    steps = _bench.step_names("harmony,scrublet,bbknn")
+    rows = _bench.bench_cells(counts, steps, ["scanpy", "gpusc"], repeats=1, on_gpu=False, device="cpu",
+                              mods={"scanpy": sc, "gpusc": gpusc})
+    harmony, scrublet, bbknn = rows
+    assert [r["step"] for r in rows] == ["harmony_integrate", "scrublet", "bbknn"]
+    assert all(r["input"] and r["gpusc"]["best"] > 0 and r["scanpy"]["best"] > 0 for r in rows)
+    assert harmony["input_shape"] == bbknn["input_shape"] == [400, 0]  # X_pca and the batches only
+    assert scrublet["input_shape"] == [400, 1000]  # the raw counts, not the previous step's output
+    assert harmony["correction_correlation"] > 0.5  # different k-means starts: not equal, alike
+    assert scrublet["predicted_doublet_equal_share"] > 0.95
+    assert scrublet["scrublet_threshold"]["gpusc"] == pytest.approx(scrublet["scrublet_threshold"]["scanpy"],
+                                                                    rel=1e-3)
+    assert bbknn["edges_differing"] == 0 and bbknn["max_abs_connectivity_diff"] < 1e-4
+    assert "X_pca_harmony" not in counts.obsm and "batch" not in counts.obs
+
+
+def test_tsne_step_on_a_fixed_subset(monkeypatch):
+    """The tsne step's input (a fixed subset of X_pca) and calls (use_rep="X_pca": the input has
+    no genes, and scanpy would take X when n_vars < 50); t-SNE itself is tested against scanpy
+    in test_tl_tsne.py, so the two calls are recorded here instead of run."""
+    import scanpy as sc
+
+    import gpusc
+
+    monkeypatch.setattr(_bench, "TSNE_CELLS", 150)
+    state = ad.AnnData(obsm={"X_pca": np.random.default_rng(4).normal(size=(400, 10)).astype(np.float32)})
+    (step,) = _bench.step_names("tsne")
+    made = step.make_input(state, None)
+    cells = _bench._cell_subset(400, 150)
+    assert np.array_equal(cells, np.unique(cells)) and cells.size == 150
+    assert made.shape == (150, 0) and np.array_equal(made.obsm["X_pca"], state.obsm["X_pca"][cells])
+    calls = []
+    monkeypatch.setattr(sc.tl, "tsne", lambda a, **kw: calls.append(("scanpy", a.shape, kw)))
+    monkeypatch.setattr(gpusc.tl, "tsne", lambda a, **kw: calls.append(("gpusc", a.shape, kw)))
+    step.scanpy(sc, made)
+    step.gpusc(gpusc, made, "cpu")
+    assert calls == [("scanpy", (150, 0), {"use_rep": "X_pca"}),
+                     ("gpusc", (150, 0), {"use_rep": "X_pca", "device": "cpu"})]
+
+
+def test_batches_for_integration_steps():
+    state = ad.AnnData(obsm={"X_pca": np.random.default_rng(5).normal(size=(1000, 8)).astype(np.float32)})
+    first, again = _bench._pca_input(state, batches=True), _bench._pca_input(state, batches=True)
+    assert list(first.obs["batch"].cat.categories) == ["b0", "b1", "b2", "b3"]
+    assert first.obs["batch"].value_counts().min() > 200
+    np.testing.assert_array_equal(first.obsm["X_pca"], again.obsm["X_pca"])  # seeded
+    shift = first.obsm["X_pca"] - state.obsm["X_pca"]
+    for b in first.obs["batch"].cat.categories:  # one offset per batch
+        rows = shift[(first.obs["batch"] == b).to_numpy()]
+        np.testing.assert_allclose(rows, np.broadcast_to(rows[0], rows.shape), atol=1e-5)
+    assert _bench._pca_input(state, 300).shape == (300, 0)
+
+
+def test_steps_without_their_reference_are_skipped(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "harmonypy" else real(name, *a))
+    out = tmp_path / "o"
+    assert main(["bench", "--cells", "300", "--steps", "qc,harmony", "--repeats", "1", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    record = json.loads((out / "bench.json").read_text())
+    assert record["steps_run"] == ["calculate_qc_metrics"]
+    assert "harmonypy" in record["steps_skipped"]["harmony_integrate"]
 
 
 def test_knn_recall():

@@ -12,7 +12,10 @@ real cells), or :func:`gpusc.datasets.synthetic` without ``--data``.
 Method, per cell count and step: every library starts from the same input, scanpy's
 output of the steps before (copied); one untimed warm-up call (numba and NVRTC
 compilation, caches), then ``--repeats`` timed calls, each on a fresh copy (copying and
-moving the matrix to the GPU are not timed); the best is reported. GPU calls are timed
+moving the matrix to the GPU are not timed); the best is reported. harmony_integrate, scrublet,
+bbknn and tsne start from an input of their own (batches drawn at random, fixed subsets of
+cells: each row's ``input`` says which), and their reference is harmonypy, scanpy and the
+bbknn package in exact mode, and scanpy. GPU calls are timed
 between device synchronisations. Peak host RSS is sampled every 2 ms (psutil); device
 peak is the memory held by CuPy's pool (and RMM, when its statistics are on) at its
 highest during the call, resident data included.
@@ -27,6 +30,7 @@ module level.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import platform
@@ -290,6 +294,11 @@ class BenchStep:
     gpusc: Callable  # (gpusc, adata, device) -> None
     rsc: Callable | None
     on_x: bool = True
+    # (pipeline state, the raw counts) -> the step's own input, built once per cell count and
+    # not timed; the pipeline goes on from the state (not from this step's output)
+    make_input: Callable | None = None
+    input_note: str = ""  # what make_input builds, recorded in the step's row
+    reference: str | None = None  # the reference package the scanpy column imports (skipped without it)
 
 
 def _neighbors_gpusc(g, a, device):
@@ -308,6 +317,50 @@ def _with_device(fn_name, module):
             _settings.settings.device = before
 
     return call
+
+
+# Integration, doublets, t-SNE: the bench data has no batches, so 4 are drawn; fixed cell
+# subsets keep the references' time in bounds on 2 cores (scanpy's scrublet: 16 min at 50,000
+# cells; the bbknn package's exact cKDTree search: 100 s; scikit-learn's t-SNE: minutes)
+N_BATCHES = 4
+SCRUBLET_CELLS = 5_000
+BBKNN_CELLS = 20_000
+TSNE_CELLS = 20_000
+
+
+def _cell_subset(n_obs: int, cap: int | None) -> np.ndarray:
+    """The indices of a fixed subset of ``cap`` cells (seed 0, in order), or all cells."""
+    if cap is None or n_obs <= cap:
+        return np.arange(n_obs)
+    return np.sort(np.random.default_rng(0).choice(n_obs, cap, replace=False))
+
+
+def _pca_input(state, cap: int | None = None, *, batches: bool = False):
+    """The state's X_pca alone (of a fixed subset of ``cap`` cells); with ``batches``, obs['batch']:
+    one of N_BATCHES batches per cell at random (seed 0), each batch moving X_pca by its own
+    offset (Normal(0, half the standard deviation of each component), seed 0)."""
+    import anndata as ad
+    import pandas as pd
+
+    cells = _cell_subset(state.n_obs, cap)
+    x_pca = np.array(to_host(state.obsm["X_pca"])[cells], dtype=np.float32)
+    obs = pd.DataFrame(index=state.obs_names[cells])
+    if batches:
+        rng = np.random.default_rng(0)
+        batch = rng.integers(0, N_BATCHES, cells.size)
+        offsets = rng.normal(0.0, 0.5, (N_BATCHES, x_pca.shape[1])) * x_pca.std(axis=0)
+        x_pca += offsets[batch].astype(np.float32)
+        obs["batch"] = pd.Categorical.from_codes(batch, [f"b{b}" for b in range(N_BATCHES)])
+    return ad.AnnData(obs=obs, obsm={"X_pca": x_pca})
+
+
+def _harmonypy(sc, a) -> None:
+    # what sc.external.pp.harmony_integrate does, without its transpose of Z_corr (scanpy 1.12.4
+    # transposes harmonypy 2.x's cells x components result and fails to store it)
+    import harmonypy
+
+    a.obsm["X_pca_harmony"] = np.asarray(harmonypy.run_harmony(
+        a.obsm["X_pca"].astype(np.float64), a.obs, "batch", verbose=False).Z_corr)
 
 
 BENCH_STEPS: tuple[BenchStep, ...] = (
@@ -367,6 +420,31 @@ BENCH_STEPS: tuple[BenchStep, ...] = (
               lambda sc, a: sc.tl.embedding_density(a),
               lambda g, a, d: g.tl.embedding_density(a, device=d),
               None, on_x=False),
+    BenchStep("harmony_integrate", ("harmony",), "pp", "harmony_integrate",
+              _harmonypy,
+              lambda g, a, d: g.pp.harmony_integrate(a, "batch", device=d),
+              None, on_x=False, make_input=lambda state, counts: _pca_input(state, batches=True),
+              input_note=(f"X_pca with {N_BATCHES} batches drawn at random (seed 0), each moving X_pca "
+                          "by its own offset; reference: harmonypy.run_harmony as "
+                          "sc.external.pp.harmony_integrate calls it"),
+              reference="harmonypy"),
+    BenchStep("scrublet", (), "pp", "scrublet",
+              lambda sc, a: sc.pp.scrublet(a),
+              lambda g, a, d: g.pp.scrublet(a),
+              None, make_input=lambda state, counts: counts[_cell_subset(counts.n_obs, SCRUBLET_CELLS)].copy(),
+              input_note=f"the raw counts of a fixed subset of at most {SCRUBLET_CELLS:,} cells (seed 0)"),
+    BenchStep("bbknn", (), "pp", "bbknn",
+              lambda sc, a: sc.external.pp.bbknn(a, batch_key="batch", approx=False),
+              lambda g, a, d: g.pp.bbknn(a, batch_key="batch", device=d),
+              None, on_x=False, make_input=lambda state, counts: _pca_input(state, BBKNN_CELLS, batches=True),
+              input_note=(f"X_pca of a fixed subset of at most {BBKNN_CELLS:,} cells (seed 0), batches drawn "
+                          "as for harmony_integrate; reference: the bbknn package in exact mode (approx=False)"),
+              reference="bbknn"),
+    BenchStep("tsne", (), "tl", "tsne",
+              lambda sc, a: sc.tl.tsne(a, use_rep="X_pca"),
+              lambda g, a, d: g.tl.tsne(a, use_rep="X_pca", device=d),
+              None, on_x=False, make_input=lambda state, counts: _pca_input(state, TSNE_CELLS),
+              input_note=f"X_pca of a fixed subset of at most {TSNE_CELLS:,} cells (seed 0)"),
 )
 PREPROCESS = ("calculate_qc_metrics", "filter_cells", "filter_genes", "normalize_total", "log1p",
               "highly_variable_genes", "filter_highly_variable", "scale")
@@ -534,7 +612,21 @@ def compare_outputs(step: BenchStep, outputs: dict) -> dict:
         elif step.name == "embedding_density":
             out["max_abs_density_diff"] = float(np.max(np.abs(
                 sc_out.obs["umap_density"].to_numpy() - gs_out.obs["umap_density"].to_numpy())))
-        elif step.name != "umap":
+        elif step.name == "harmony_integrate":
+            z = np.asarray(sc_out.obsm["X_pca"], dtype=np.float64)
+            out["correction_correlation"] = float(np.corrcoef(
+                (np.asarray(gs_out.obsm["X_pca_harmony"]) - z).ravel(),
+                (np.asarray(sc_out.obsm["X_pca_harmony"]) - z).ravel())[0, 1])
+        elif step.name == "scrublet":
+            out["predicted_doublet_equal_share"] = float(np.mean(
+                sc_out.obs["predicted_doublet"].to_numpy() == gs_out.obs["predicted_doublet"].to_numpy()))
+            out["scrublet_threshold"] = {lib: float(o.uns["scrublet"]["threshold"])
+                                         for lib, o in (("scanpy", sc_out), ("gpusc", gs_out))}
+        elif step.name == "bbknn":
+            ref, ours = sc_out.obsp["connectivities"], gs_out.obsp["connectivities"]
+            out["edges_differing"] = int((abs(ref.sign()) != abs(ours.sign())).nnz)
+            out["max_abs_connectivity_diff"] = float(abs(ref - ours).max())
+        elif step.name not in ("umap", "tsne"):
             out["max_abs_diff_X"] = _max_abs_diff_X(sc_out, gs_out)
     except Exception as err:  # a comparison must not sink the timings
         out["comparison_error"] = f"{type(err).__name__}: {err}"
@@ -545,14 +637,18 @@ def bench_cells(state, steps: list[BenchStep], libs: list[str], *, repeats: int,
                 mods: dict, progress=None) -> list[dict]:
     """All steps at one cell count; each starts from scanpy's output of the steps before."""
     rows = []
+    counts = state
     for step in steps:
-        row = {"step": step.name, "input_shape": list(state.shape)}
+        step_input = state if step.make_input is None else step.make_input(state, counts)
+        row = {"step": step.name, "input_shape": list(step_input.shape)}
+        if step.input_note:
+            row["input"] = step.input_note
         outputs = {}
         for lib in libs:
             if lib == "rapids_singlecell" and step.rsc is None:
                 continue
             try:
-                row[lib], outputs[lib] = time_library(state, lib, step, repeats=repeats, on_gpu=on_gpu,
+                row[lib], outputs[lib] = time_library(step_input, lib, step, repeats=repeats, on_gpu=on_gpu,
                                                       device=device, mods=mods)
             except Exception as err:
                 if lib == "scanpy":
@@ -565,7 +661,8 @@ def bench_cells(state, steps: list[BenchStep], libs: list[str], *, repeats: int,
             row["speedup_rapids_singlecell"] = row["scanpy"]["best"] / row["rapids_singlecell"]["best"]
         row["output_shape"] = list(outputs["scanpy"].shape)
         rows.append(row)
-        state = outputs["scanpy"]
+        if step.make_input is None:
+            state = outputs["scanpy"]
         if progress is not None:
             progress(step, row)
         del outputs
@@ -631,7 +728,8 @@ def markdown(record: dict) -> str:
         notes = []
         for r in run["steps"]:
             for key in ("recall_scanpy_vs_gpusc_exact", "ari_scanpy_vs_gpusc", "min_abs_cos_top_components",
-                        "hvg_disagreements", "max_abs_diff_X"):
+                        "hvg_disagreements", "max_abs_diff_X", "correction_correlation",
+                        "predicted_doublet_equal_share", "edges_differing"):
                 if r.get(key) is not None:
                     v = r[key]
                     notes.append(f"{r['step']}: {key} = {v:.4g}" if isinstance(v, float) else f"{r['step']}: {key} = {v}")
@@ -736,6 +834,8 @@ def run_bench(args) -> dict:
     for step in steps:
         if missing_in_gpusc(step):
             skipped[step.name] = f"skipped (not in gpusc yet: gpusc.{step.module}.{step.attr})"
+        elif step.reference is not None and importlib.util.find_spec(step.reference) is None:
+            skipped[step.name] = f"skipped (its reference, the {step.reference} package, is not installed)"
     steps = [s for s in steps if s.name not in skipped]
     if not steps:
         raise BenchError(f"none of the steps asked for exist in gpusc: {skipped}")

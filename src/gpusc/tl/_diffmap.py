@@ -6,7 +6,7 @@ normalisation of Coifman and Lafon; ``Z``: the inverse square roots of the colum
 ``D⁻¹ C D⁻¹``), then asks ARPACK (``eigsh``, ``which="LM"``, a start ``v0`` drawn from
 ``random_state``) for its ``n_comps`` largest eigenpairs in float64. Both factors are
 diagonal, so ``T = W C W`` with ``w = 1 / (d z)``: here the product ``T x = w ⊙ C (w ⊙ x)``
-is built from the stored connectivities in one vectorised pass (no sparse products).
+is built from the stored connectivities in one numba pass (no sparse products).
 Same eigensolver, same start: the same eigenpairs to ARPACK's tolerance.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 from textwrap import indent
 from typing import Any, Literal
 
+import numba
 import numpy as np
 from anndata import AnnData
 from scanpy import logging as logg
@@ -45,7 +46,8 @@ def diffmap(
     order, from a Lanczos eigensolver started at scanpy's random vector:
 
     * on the CPU: scipy's ``eigsh`` (ARPACK) with scanpy's arguments, on the matrix built
-      in one pass (``nnz`` float64 values besides the graph);
+      in one numba pass (``nnz`` float64 values besides the graph), BLAS on one thread
+      inside ARPACK (its small BLAS-2 calls lose more to thread hand-offs than they gain);
     * on the GPU: cupyx's ``eigsh`` (thick-restart Lanczos) on the matrix built on the
       device (``nnz`` float64 values and int32 indices; ``n · (2 n_comps + 10)`` float64 for
       the Krylov basis).
@@ -152,38 +154,69 @@ def transition_scale(connectivities: sparse.csr_matrix, func: str = "diffmap") -
 
     ``d = C.sum(axis=0)`` (density), ``z = sqrt(colsum(D⁻¹ C D⁻¹))`` and ``w = 1 / (d z)``;
     ``colsum(D⁻¹ C D⁻¹)_j = (Cᵀ d⁻¹)_j / d_j``. A cell without edges (d = 0) makes scanpy's
-    matrix NaN: a clear error here.
+    matrix NaN: a clear error here. Both column sums are one pass over C's CSR arrays each.
     """
     c = connectivities
-    density = np.asarray(c.sum(axis=0, dtype=np.float64)).ravel()
+    density = _column_sums(c.indptr, c.indices, c.data, np.ones(c.shape[0]), c.shape[1])
     if (density <= 0).any():
         cells = np.flatnonzero(density <= 0)
         raise ValueError(f"{func}: {cells.size} cell(s) have no edge in the neighbourhood graph "
                          f"(first: {cells[:5].tolist()}); their transition probabilities are "
                          "undefined. Recompute pp.neighbors or drop those cells")
     inv_density = 1.0 / density
-    z = np.sqrt((c.T @ inv_density) * inv_density)
+    z = np.sqrt(_column_sums(c.indptr, c.indices, c.data, inv_density, c.shape[1]) * inv_density)
     return inv_density / z
 
 
 def transition_matrix(c: sparse.csr_matrix, scale: np.ndarray) -> sparse.csr_matrix:
-    """``T = diag(w) C diag(w)`` in float64, in one vectorised pass over C's values (scanpy
-    makes it with two sparse products and a float64 copy)."""
-    rows = np.repeat(np.arange(c.shape[0]), np.diff(c.indptr))
-    # w_i w_j first: a product of two numbers is the same either way round, so T is exactly
-    # symmetric when C is (ARPACK's Lanczos assumes it)
-    values = c.data.astype(np.float64) * (scale[rows] * scale[c.indices])
-    return sparse.csr_matrix((values, c.indices, c.indptr), shape=c.shape)
+    """``T = diag(w) C diag(w)`` in float64, in one pass over C's values (scanpy makes it with
+    two sparse products and a float64 copy); T shares C's index arrays."""
+    return sparse.csr_matrix((_scaled_values(c.indptr, c.indices, c.data, scale), c.indices, c.indptr),
+                             shape=c.shape)
+
+
+@numba.njit(cache=True)
+def _column_sums(indptr, indices, data, row_weights, n_cols):
+    """``Σ_i row_weights[i] c_ij`` for each column j, float64, in CSR order (as scipy's)."""
+    out = np.zeros(n_cols, np.float64)
+    for i in range(indptr.size - 1):
+        weight = row_weights[i]
+        for p in range(indptr[i], indptr[i + 1]):
+            out[indices[p]] += weight * np.float64(data[p])
+    return out
+
+
+@numba.njit(cache=True)
+def _scaled_values(indptr, indices, data, scale):
+    """``c_ij (w_i w_j)`` for each stored value, float64. w_i w_j first: a product of two numbers
+    is the same either way round, so T is exactly symmetric when C is (Lanczos assumes it)."""
+    values = np.empty(data.size, np.float64)
+    for i in range(indptr.size - 1):
+        wi = scale[i]
+        for p in range(indptr[i], indptr[i + 1]):
+            values[p] = np.float64(data[p]) * (wi * scale[indices[p]])
+    return values
 
 
 def _eigen_host(c: sparse.csr_matrix, scale: np.ndarray, k: int, v0: np.ndarray):
     from scipy.sparse.linalg import eigsh
+    from threadpoolctl import threadpool_limits
 
-    # scanpy's call: k, which="LM", ncv=None (ARPACK's 2k + 1, at least 20), tol=0, v0. A
-    # numba product (LinearOperator) was slower: its OpenMP threads and OpenBLAS's contend
-    # for the cores inside ARPACK (2.6 s against 0.85 s at 50k cells on 2 cores); a looser
-    # tol misses eigenvalues of a disconnected graph (eigenvalue 1, once per component).
-    return eigsh(transition_matrix(c, scale), k=k, which="LM", ncv=None, v0=v0)
+    # scanpy's call: k, which="LM", ncv=None (ARPACK's 2k + 1, at least 20), tol=0, v0. ARPACK
+    # is the floor: at 50k cells (1.2M edges) it asks for 282 products (scanpy's float32-rounded
+    # matrix: 260), 1.2-1.4 ms each (scipy's CSR product; a numba one took 2.2 ms on one
+    # thread, and its OpenMP threads contend with OpenBLAS's inside ARPACK: 2.6 s against
+    # 0.85 s on 2 cores), and ARPACK's own reorthogonalisation and restarts (BLAS-2 over the
+    # n x 31 Lanczos basis) take 0.62 CPU s of the 1.1 on one thread: even free products would
+    # leave scanpy's time over ours below 1.8x. Those BLAS-2 calls are too small for OpenBLAS's
+    # threads: with two, a call burns 4x the CPU time (5.0 against 1.2 CPU s), and on shared
+    # cores (load 22-35 on 2 cores) scanpy's call took 6-18 s and ours 8-13 s with them against
+    # 1.7-1.9 s without; hence one.
+    # A looser tol misses eigenvalues of a disconnected graph (eigenvalue 1, once per
+    # component); deflating those known eigenvectors (z on each component) saved 8% of
+    # ARPACK's work, not worth a basis of eigenvalue 1 different from scanpy's.
+    with threadpool_limits(1, user_api="blas"):
+        return eigsh(transition_matrix(c, scale), k=k, which="LM", ncv=None, v0=v0)
 
 
 def _eigen_device(c: sparse.csr_matrix, scale: np.ndarray, k: int, v0: np.ndarray):

@@ -6,7 +6,6 @@ GPU-marked tests check bit-exact round trips, index dtypes and AnnData placement
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 
 import anndata as ad
@@ -32,15 +31,7 @@ def _unsupported():
         "DataFrame": lambda x: pd.DataFrame(x),
         "object_dtype": lambda x: x.astype(object),
     }
-    if importlib.util.find_spec("dask") is not None:
-
-        def to_dask(x):
-            import dask.array as da
-
-            return da.from_array(x, chunks=(10, 10))
-
-        cases["dask"] = to_dask
-    return cases
+    return cases  # dask arrays move chunk by chunk: tests/test_dask_get_memory.py
 
 
 UNSUPPORTED = _unsupported()

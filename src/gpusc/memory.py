@@ -4,10 +4,12 @@
 CuPy allocation (ours, cupyx's, and cuVS/cuML's through RMM) come from one RMM
 memory pool; ``configure("managed")`` uses CUDA managed (unified) memory instead, so a
 matrix somewhat larger than the card can still be processed. ``status()`` reports
-what is configured and how much is in use.
+what is configured and how much is in use. ``local_cuda_cluster("pool")`` (or
+``"managed"``) starts a dask-cuda cluster, one worker per GPU, whose workers are set up
+by the same rule.
 
-Importing this module needs neither CuPy nor RMM; both are imported when a function
-is called.
+Importing this module needs neither CuPy, RMM nor dask-cuda; they are imported when a
+function is called.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 from numbers import Integral
 from typing import Literal
 
-__all__ = ["configure", "status"]
+__all__ = ["configure", "local_cuda_cluster", "status"]
 
 Mode = Literal["pool", "managed"]
 _MODES = ("pool", "managed")
@@ -111,6 +113,28 @@ def _base_resource(mr):
     return mr
 
 
+def _check_mode(mode, initial_pool_size, maximum_pool_size) -> tuple[int | None, int | None]:
+    """The one rule of :func:`configure` and :func:`local_cuda_cluster`: exactly one of pool
+    or managed memory, sizes for a pool only. Returns the sizes as ints (or None)."""
+    if mode not in _MODES:
+        msg = (
+            f"mode must be exactly one of 'pool' or 'managed', got {mode!r}. gpusc does not mix "
+            "them: a pool carves a fixed arena out of device memory while managed pages migrate "
+            "and oversubscribe, so stacking one on the other fragments the device memory and "
+            "defeats both. Use 'pool' when the data fit on the card, 'managed' when they do not."
+        )
+        raise ValueError(msg)
+    initial_pool_size = _check_size("initial_pool_size", initial_pool_size)
+    maximum_pool_size = _check_size("maximum_pool_size", maximum_pool_size)
+    if mode == "managed" and (initial_pool_size is not None or maximum_pool_size is not None):
+        msg = "initial_pool_size and maximum_pool_size apply to mode='pool' only; managed memory has no pool"
+        raise ValueError(msg)
+    if initial_pool_size is not None and maximum_pool_size is not None and initial_pool_size > maximum_pool_size:
+        msg = f"initial_pool_size ({initial_pool_size}) is larger than maximum_pool_size ({maximum_pool_size})"
+        raise ValueError(msg)
+    return initial_pool_size, maximum_pool_size
+
+
 def configure(
     mode: Mode,
     *,
@@ -173,22 +197,7 @@ def configure(
     allocated under a previous RMM configuration must not be used afterwards (RMM's
     rule for ``reinitialize``).
     """
-    if mode not in _MODES:
-        msg = (
-            f"mode must be exactly one of 'pool' or 'managed', got {mode!r}. gpusc does not mix "
-            "them: a pool carves a fixed arena out of device memory while managed pages migrate "
-            "and oversubscribe, so stacking one on the other fragments the device memory and "
-            "defeats both. Use 'pool' when the data fit on the card, 'managed' when they do not."
-        )
-        raise ValueError(msg)
-    initial_pool_size = _check_size("initial_pool_size", initial_pool_size)
-    maximum_pool_size = _check_size("maximum_pool_size", maximum_pool_size)
-    if mode == "managed" and (initial_pool_size is not None or maximum_pool_size is not None):
-        msg = "initial_pool_size and maximum_pool_size apply to mode='pool' only; managed memory has no pool"
-        raise ValueError(msg)
-    if initial_pool_size is not None and maximum_pool_size is not None and initial_pool_size > maximum_pool_size:
-        msg = f"initial_pool_size ({initial_pool_size}) is larger than maximum_pool_size ({maximum_pool_size})"
-        raise ValueError(msg)
+    initial_pool_size, maximum_pool_size = _check_mode(mode, initial_pool_size, maximum_pool_size)
     device_ids = _check_devices(devices)
 
     cupy, rmm, n_devices = _import_gpu_stack()
@@ -236,6 +245,84 @@ def configure(
         with cupy.cuda.Device(d):
             rmm.statistics.enable_statistics()
     cupy.cuda.set_allocator(rmm.allocators.cupy.rmm_cupy_allocator)
+
+
+# LocalCUDACluster arguments that choose the workers' memory resource: local_cuda_cluster
+# sets them from `mode` (rmm_async is a third kind, a cudaMallocAsync pool).
+_CLUSTER_MEMORY_ARGS = ("rmm_pool_size", "rmm_maximum_pool_size", "rmm_managed_memory", "rmm_async")
+
+
+def local_cuda_cluster(
+    mode: Mode,
+    *,
+    initial_pool_size: int | None = None,
+    maximum_pool_size: int | None = None,
+    **cluster_kwargs,
+):
+    """Start a ``dask_cuda.LocalCUDACluster`` whose workers use an RMM pool or managed memory.
+
+    One worker per visible GPU (dask-cuda's default), each with exactly one of the two
+    memory set-ups, by the rule and with the errors of :func:`configure`: a pool
+    (``rmm_pool_size``, never over managed memory) or managed memory (``rmm_managed_memory``,
+    no pool). CuPy on the workers allocates through RMM (``rmm_allocator_external_lib_list=
+    ["cupy"]`` unless given). Connect with ``dask.distributed.Client(cluster)``; the
+    dashboard address is ``cluster.dashboard_link``. Close it with ``cluster.close()`` (or use
+    it as a context manager).
+
+    Parameters
+    ----------
+    mode
+        ``"pool"`` or ``"managed"``, as in :func:`configure`.
+    initial_pool_size
+        Bytes each worker's pool starts with (``"pool"`` only), rounded up to a multiple of
+        256. Default: ``maximum_pool_size`` when given, else 80 % of each GPU's total memory
+        (dask-cuda's fraction form; :func:`configure` takes 80 % of the free memory, which
+        only a process on the device can measure).
+    maximum_pool_size
+        Bytes each worker's pool may grow to (``"pool"`` only). Default: RMM's (all
+        device memory).
+    **cluster_kwargs
+        Passed on to ``LocalCUDACluster`` (``CUDA_VISIBLE_DEVICES``, ``n_workers``,
+        ``memory_limit``, ``device_memory_limit``, ...), except the arguments that choose
+        the memory resource (``rmm_pool_size``, ``rmm_maximum_pool_size``,
+        ``rmm_managed_memory``, ``rmm_async``), which ``mode`` sets.
+
+    Returns
+    -------
+    dask_cuda.LocalCUDACluster
+        The started cluster.
+
+    Raises
+    ------
+    ValueError
+        As :func:`configure`: ``mode`` not ``"pool"`` or ``"managed"``, bad sizes, sizes
+        with ``"managed"``; and a memory-resource argument in ``cluster_kwargs``. Checked
+        before dask-cuda is imported.
+    ImportError
+        dask-cuda is not installed (the message gives the pip command).
+    """
+    initial_pool_size, maximum_pool_size = _check_mode(mode, initial_pool_size, maximum_pool_size)
+    if taken := [k for k in _CLUSTER_MEMORY_ARGS if k in cluster_kwargs]:
+        msg = (f"local_cuda_cluster sets {', '.join(taken)} from mode={mode!r} (exactly one of a pool "
+               "or managed memory); pass mode, initial_pool_size and maximum_pool_size instead")
+        raise ValueError(msg)
+    try:
+        import dask_cuda
+    except ImportError as e:
+        msg = (f"gpusc.memory.local_cuda_cluster needs dask-cuda, which could not be imported ({e}); "
+               "install with pip install 'gpusc[rapids-cu13]' (CUDA 13) or 'gpusc[rapids-cu12]' (CUDA 12)")
+        raise ImportError(msg) from e
+    if mode == "pool":
+        initial = initial_pool_size or maximum_pool_size
+        memory = {
+            "rmm_pool_size": POOL_FRACTION if initial is None else _align_up(initial),
+            "rmm_maximum_pool_size": None if maximum_pool_size is None else _align_up(maximum_pool_size),
+            "rmm_managed_memory": False,
+        }
+    else:
+        memory = {"rmm_pool_size": None, "rmm_maximum_pool_size": None, "rmm_managed_memory": True}
+    cluster_kwargs.setdefault("rmm_allocator_external_lib_list", ["cupy"])
+    return dask_cuda.LocalCUDACluster(**cluster_kwargs, **memory, rmm_async=False)
 
 
 def status(device: int | None = None) -> dict:

@@ -67,33 +67,51 @@ def check_block(block, kind: str, func: str):
     return block
 
 
-def block_partials(x, func: str, per_block) -> list:
-    """One lazy ``per_block(chunk)`` per row chunk of ``x`` (dask.delayed objects).
+def block_partials(x, func: str, per_block, *per_row) -> list:
+    """One lazy ``per_block(chunk, *rows)`` per row chunk of ``x`` (dask.delayed objects).
 
     The step hands every partial of all its reductions to one ``dask.compute`` call and
     combines them on the host: per-cell vectors by concatenation, per-gene sums by adding.
-    Each chunk is checked against the array's chunk kind as it is computed.
+    Each chunk is checked against the array's chunk kind as it is computed. ``per_row``:
+    host arrays over cells (batch codes, masks, regressors), each passed sliced to the
+    chunk's rows (a task carries its own rows only).
     """
     import dask
 
     kind = check_row_chunks(x, func)
 
-    def checked(block):
-        return per_block(check_block(block, kind, func))
+    def checked(block, *rows):
+        return per_block(check_block(block, kind, func), *rows)
 
-    return [dask.delayed(checked)(block) for block in x.to_delayed().ravel()]
+    bounds = np.cumsum((0, *x.chunks[0]))
+    return [dask.delayed(checked)(block, *(a[lo:hi] for a in per_row))
+            for block, lo, hi in zip(x.to_delayed().ravel(), bounds[:-1], bounds[1:])]
 
 
-def map_rows(x, func: str, per_block, *, dtype=None, meta=None):
-    """``per_block`` applied lazily to every row chunk, as a new dask array of the same
-    chunks (an element-wise or row-wise step that needs no statistic of the whole matrix)."""
+def map_rows(x, func: str, per_block, *per_row, dtype=None, meta=None):
+    """``per_block(chunk, *rows)`` applied lazily to every row chunk, as a new dask array of
+    the same chunks (an element-wise or row-wise step that needs no statistic of the whole
+    matrix). ``per_row``: host arrays over cells (1-d or 2-d), each passed sliced to the
+    chunk's rows."""
+    import dask.array as da
+
     kind = check_row_chunks(x, func)
 
-    def checked(block):
-        return per_block(check_block(block, kind, func))
+    def checked(block, *rows):
+        return per_block(check_block(block, kind, func), *rows)
 
-    return x.map_blocks(checked, dtype=x.dtype if dtype is None else dtype,
-                        meta=x._meta if meta is None else meta)
+    dtype = x.dtype if dtype is None else dtype
+    meta = x._meta if meta is None else meta
+    if not per_row:
+        return x.map_blocks(checked, dtype=dtype, meta=meta)
+    # the per-row arrays as dask arrays of x's row chunks; their other axes (one chunk each)
+    # are named apart from x's genes, so blockwise pairs chunk i with rows i and nothing more
+    args = [x, ("i", "j")]
+    for n, a in enumerate(per_row):
+        a = np.asarray(a)
+        rows = da.from_array(a, chunks=(x.chunks[0], *a.shape[1:]))
+        args += [rows, ("i", *(f"k{n}_{d}" for d in range(a.ndim - 1)))]
+    return da.blockwise(checked, ("i", "j"), *args, dtype=dtype, meta=meta, concatenate=True)
 
 
 def compute(*lazy):
@@ -101,3 +119,35 @@ def compute(*lazy):
     import dask
 
     return dask.compute(*lazy)
+
+
+def fresh_values(block, dtype=None):
+    """A new chunk for a step to change in place: ``block``'s values copied (cast to ``dtype``
+    when given). A CSR chunk shares its index arrays with ``block``, as dask's own slicing
+    shares buffers between chunks: no step changes a chunk's structure in place, and copying
+    only the values halves the bytes a lazy element-wise step allocates."""
+    dtype = block.dtype if dtype is None else dtype
+    if chunk_kind(block) in ("host dense", "device dense"):
+        return block.astype(dtype, order="C", copy=True)
+    out = type(block)(block.shape, dtype=dtype)  # built empty: constructors may recast indices
+    out.data = block.data.astype(dtype, copy=True)
+    out.indices, out.indptr = block.indices, block.indptr
+    return out
+
+
+# rows per chunk when a backed AnnData's on-disk matrix is read chunk by chunk (scanpy's
+# log1p(chunked=True) reads 6000 rows at a time by default)
+BACKED_CHUNK_ROWS = 6000
+
+
+def backed_rows(x, func: str, chunk_rows: int = BACKED_CHUNK_ROWS):
+    """A backed AnnData's on-disk matrix (an h5py/zarr dataset or anndata's CSR dataset) as
+    a dask array of ``chunk_rows`` rows per chunk (``anndata.experimental.read_elem_lazy``):
+    each chunk is read from the file when computed, so the file must stay open until then."""
+    from anndata.experimental import read_elem_lazy
+
+    element = getattr(x, "group", x)  # anndata's sparse dataset: its group holds the encoding
+    if getattr(x, "format", "csr") != "csr":
+        raise TypeError(f"{func}: the backed matrix is stored as {x.format.upper()}; reading it by rows "
+                        "needs CSR (or dense) on disk")
+    return read_elem_lazy(element, chunks=(chunk_rows, x.shape[1]))

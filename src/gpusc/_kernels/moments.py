@@ -99,7 +99,9 @@ def gene_moments(x, codes: np.ndarray | None = None, n_groups: int = 1, *,
     > 0 (``COUNT_POSITIVE``) or != 0 (``COUNT_NONZERO``). NaN/inf and negative values are
     reported in ``flags``, not raised; non-integer values only with ``check_integer`` (the
     device always looks). Duplicate entries of a sparse matrix are summed first (a copy), as a
-    dense view of it would be. Results are host arrays.
+    dense view of it would be. Results are host arrays. A dask array chunked by rows: every
+    chunk through this same function, the chunks' sums added on the host (one pass, one
+    dask.compute; ``moments_partials`` gives the lazy partials).
     """
     raise TypeError(f"gene_moments: unsupported array type {type(x)}")
 
@@ -656,3 +658,71 @@ def pearson_sums_device(data, indices, indptr, shape, codes, n_groups, cell_sums
     out = _sum_slices(part, 2, layout.group_slices, n_groups, n_vars).get()  # synchronize!
     out = out.reshape(2, n_groups, n_vars)
     return out[0], out[1]
+
+
+# ---------------------------------------------------------------- dask
+#
+# A dask array chunked by rows goes chunk by chunk through the registrations above (host or
+# device chunks alike): each chunk's sums are one partial, and the partials are added on the
+# host. ``*_partials`` give the lazy partials, so that a step can compute them together with
+# its other reductions in one dask.compute; the registrations compute them alone (one pass).
+
+
+def add_moments(parts) -> Moments:
+    """The moments of the rows of several chunks: the chunks' sums and counts added (in
+    chunk order), their flags or-ed."""
+    parts = list(parts)
+    first = parts[0]
+    total = Moments(first.sum.copy(), None if first.sum_sq is None else first.sum_sq.copy(),
+                    None if first.count is None else first.count.copy(), first.flags)
+    for part in parts[1:]:
+        total.sum += part.sum
+        if total.sum_sq is not None:
+            total.sum_sq += part.sum_sq
+        if total.count is not None:
+            total.count += part.count
+        total.flags |= part.flags
+    return total
+
+
+def moments_partials(x, codes: np.ndarray | None = None, n_groups: int = 1, **kwargs) -> list:
+    """One lazy :func:`gene_moments` per row chunk of the dask array ``x`` (dask.delayed
+    objects; :func:`add_moments` of their results is ``gene_moments`` of ``x``)."""
+    from .._core.dask import block_partials
+
+    if codes is None:
+        return block_partials(x, "gene_moments", lambda block: gene_moments(
+            block, None, n_groups, **kwargs))
+    codes = _codes(codes, x.shape[0])
+    return block_partials(x, "gene_moments", lambda block, block_codes: gene_moments(
+        block, block_codes, n_groups, **kwargs), codes)
+
+
+@gene_moments.register(types.DaskArray)
+def _(x, codes=None, n_groups=1, **kwargs):
+    # one pass over the chunks (one dask.compute)
+    from .._core.dask import compute
+
+    return add_moments(compute(*moments_partials(x, codes, n_groups, **kwargs)))
+
+
+def pearson_partials(x, codes: np.ndarray | None, n_groups: int, gene_sums: np.ndarray, *,
+                     theta: float, clip: float) -> list:
+    """One lazy :func:`pearson_residual_sums` per row chunk of the dask array ``x``; their
+    results added are the sums of ``x``. Each chunk's cell totals come from the chunk itself."""
+    from .._core.dask import block_partials
+
+    codes = np.zeros(x.shape[0], np.int32) if codes is None else _codes(codes, x.shape[0])
+    gene_sums = np.ascontiguousarray(gene_sums, dtype=np.float64)
+    return block_partials(x, "pearson_residual_sums", lambda block, block_codes: (
+        pearson_residual_sums(block, block_codes, n_groups, gene_sums, theta=theta, clip=clip)),
+        codes)
+
+
+@pearson_residual_sums.register(types.DaskArray)
+def _(x, codes, n_groups, gene_sums, *, theta, clip):
+    # one pass over the chunks (one dask.compute)
+    from .._core.dask import compute
+
+    parts = compute(*pearson_partials(x, codes, n_groups, gene_sums, theta=theta, clip=clip))
+    return (np.sum([p[0] for p in parts], axis=0), np.sum([p[1] for p in parts], axis=0))

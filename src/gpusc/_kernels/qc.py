@@ -88,6 +88,29 @@ def _(x, qc_masks, ns, *, per_gene=True):
     return _stats(x, *rows, per_gene=per_gene)
 
 
+@qc_stats.register(types.DaskArray)
+def _(x, qc_masks, ns, *, per_gene=True):
+    # One dask computation: every row chunk's QCStats (per-cell vectors and per-gene sums,
+    # small), joined on the host; the matrix itself is never gathered.
+    from .._core.dask import block_partials, compute
+
+    def chunk_stats(block):
+        return qc_stats(block, qc_masks, ns, per_gene=per_gene)
+
+    parts = compute(*block_partials(x, "qc_stats", chunk_stats))
+    n_vars = x.shape[1]
+    return QCStats(
+        row_total=np.concatenate([p.row_total for p in parts]),
+        row_nnz=np.concatenate([p.row_nnz for p in parts]),
+        row_qc=np.concatenate([p.row_qc for p in parts]),
+        row_top=np.concatenate([p.row_top for p in parts]),
+        col_total=sum((p.col_total for p in parts), np.zeros(n_vars)),  # chunk order: deterministic
+        col_nnz=sum((p.col_nnz for p in parts), np.zeros(n_vars, np.int64)),
+        nonfinite=any(p.nonfinite for p in parts),
+        negative=any(p.negative for p in parts),
+    )
+
+
 def qc_rows_device(data, indices, indptr, shape, qc_masks, ns):
     """The per-cell pass on the device over a canonical CSR (``data``, ``indices``,
     ``indptr``) or, with ``indices`` None, the C-ordered dense float matrix ``data``: one block

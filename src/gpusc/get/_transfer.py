@@ -71,11 +71,8 @@ def _check_movable(x, where: str) -> None:
 
 @_check_movable.register(types.DaskArray)
 def _(x, where: str) -> None:
-    msg = (
-        f"{where} is a dask array ({_type_name(x)}); move its chunks instead, "
-        f"e.g. x.map_blocks(gpusc.get.X_to_GPU), or compute it first; supported types: {_SUPPORTED}"
-    )
-    raise TypeError(msg)
+    # moved chunk by chunk: the chunks (whose type the meta tells) must be movable
+    _check_movable(x._meta, f"the chunks of {where} (a dask array)")
 
 
 @_check_movable.register(np.ndarray)
@@ -217,6 +214,20 @@ def _(x):
     return x
 
 
+def _move_chunks(x, move):
+    """A dask array moved lazily, chunk by chunk (``move`` maps each chunk); ``x`` itself
+    when its chunks are already where ``move`` takes them."""
+    meta = move(x._meta)
+    if meta is x._meta:
+        return x
+    return x.map_blocks(move, dtype=meta.dtype, meta=meta)
+
+
+@_to_device.register(types.DaskArray)
+def _(x):
+    return _move_chunks(x, _to_device)  # moving the meta imports cupy: an ImportError now
+
+
 # ---------------------------------------------------------------------------
 # device -> host
 
@@ -236,6 +247,11 @@ def _(x):
 @_to_host.register(types.CupyArray)
 def _(x):
     return x.get()  # synchronize!
+
+
+@_to_host.register(types.DaskArray)
+def _(x):
+    return _move_chunks(x, _to_host)
 
 
 @_to_host.register(types.CupyCSMatrix)
@@ -258,7 +274,10 @@ def X_to_GPU(X):  # noqa: N802 (scanpy/rapids-singlecell naming)
         A :class:`numpy.ndarray`, or a SciPy CSR or CSC matrix or array
         (``csr_matrix``, ``csr_array``, ``csc_matrix``, ``csc_array``). A matrix that is
         already on the device (``cupy.ndarray``, ``cupyx.scipy.sparse.csr_matrix`` or
-        ``csc_matrix``) is returned as it is.
+        ``csc_matrix``) is returned as it is. A dask array of any of these is moved
+        lazily, chunk by chunk: the result is a dask array with the same chunks whose
+        chunks are moved as below when computed (nothing is computed at the call; a
+        dask array whose chunks are on the device already is returned as it is).
 
     Returns
     -------
@@ -277,8 +296,8 @@ def X_to_GPU(X):  # noqa: N802 (scanpy/rapids-singlecell naming)
     Raises
     ------
     TypeError
-        For any other type (COO, dask arrays, lists, pandas objects, ...) or a
-        non-numeric dtype; the message names the type and the supported ones.
+        For any other type (COO, lists, pandas objects, dask arrays of such chunks, ...)
+        or a non-numeric dtype; the message names the type and the supported ones.
     ImportError
         When CuPy is not installed.
     MemoryError
@@ -301,7 +320,8 @@ def X_to_CPU(X):  # noqa: N802
     ----------
     X
         A ``cupy.ndarray``, ``cupyx.scipy.sparse.csr_matrix`` or ``csc_matrix``. A host
-        matrix (NumPy array, SciPy CSR/CSC matrix or array) is returned as it is.
+        matrix (NumPy array, SciPy CSR/CSC matrix or array) is returned as it is. A dask
+        array of any of these is moved lazily, chunk by chunk, as in :func:`X_to_GPU`.
 
     Returns
     -------
@@ -437,7 +457,8 @@ anndata_to_GPU.__doc__ = f"""Move ``adata.X`` (or a layer, or all of them) to th
 
 Each matrix is moved as :func:`X_to_GPU` moves it: dense stays dense with its dtype,
 CSR/CSC become cupyx ``csr_matrix``/``csc_matrix`` with int32 indices wherever they fit
-(int64 past 2**31 stored values), and integer sparse data become float32. obs, var, obsm, varm, obsp,
+(int64 past 2**31 stored values), and integer sparse data become float32. A dask matrix
+stays lazy: its chunks move when computed. obs, var, obsm, varm, obsp,
 varp, uns and raw stay on the host, where scanpy's plotting reads them.
 
 {_ANNDATA_PARAMS}
@@ -473,7 +494,8 @@ anndata_to_CPU.__doc__ = f"""Move ``adata.X`` (or a layer, or all of them) back 
 
 Each matrix is moved as :func:`X_to_CPU` moves it: cupy arrays become NumPy arrays,
 cupyx CSR/CSC become SciPy ``csr_matrix``/``csc_matrix`` with the same values and
-index dtypes, bit for bit. Host matrices are left as they are.
+index dtypes, bit for bit. Host matrices are left as they are. A dask matrix stays lazy:
+its chunks move when computed.
 
 {_ANNDATA_PARAMS}
 

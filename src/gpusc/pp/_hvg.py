@@ -21,6 +21,7 @@ from anndata import AnnData
 from .._core.adata import check_not_empty, get_matrix, nonfinite_error
 from .._core.arrays import placement
 from .._core.compat import old_positionals, warn
+from .._core.dask import check_row_chunks, is_dask
 from .._kernels.moments import (COUNT_NONE, COUNT_POSITIVE, MODE_CLIP, MODE_EXPM1, MODE_IDENTITY,
                                 Moments, gene_moments)
 from ._hvg_pearson import highly_variable_genes_pearson_residuals
@@ -63,6 +64,15 @@ def highly_variable_genes(
     transpose, no atomics). Device peak beyond the matrix: the slices' float64 partial sums,
     at most 256 MiB plus one slice (``3 x n_vars`` doubles) per batch, and 8 bytes per cell;
     CSC input with ``batch_key`` is read through one CSR copy.
+
+    A dask X (or layer) chunked by rows (numpy, scipy CSR, cupy or cupyx CSR chunks) goes
+    chunk by chunk through the same kernels, and the chunks' sums are added on the host; X
+    stays lazy and unchanged. Where it synchronises: seurat and cell_ranger once (one pass,
+    every batch's statistics included), seurat_v3 and seurat_v3_paper twice (the clipped
+    second moment needs the loess fit of the first pass), pearson_residuals twice (gene
+    totals, then residual sums), poisson_gene_selection once (moments and cell totals
+    together). Chunks split along genes, CSC chunks or chunks of mixed types raise before
+    anything in ``adata`` changes.
     Ties in the selection are resolved by gene order (stable sorts), as pandas does. The
     formerly positional arguments still work, with scanpy's FutureWarning.
 
@@ -196,7 +206,7 @@ def highly_variable_genes(
                          f"{(*FLAVORS, 'pearson_residuals', 'poisson_gene_selection')} "
                          '(scanpy: `flavor` needs to be "seurat" or "cell_ranger")')
     x = get_matrix(adata, layer=layer, func=func)
-    placement(x)  # a TypeError for unsupported array types
+    _check_array(x, func)
     check_not_empty(x, func)
     codes, n_batches = _batch_codes(adata, batch_key, func)
     if x.dtype.kind != "f":
@@ -226,14 +236,14 @@ def highly_variable_genes(
     if batch_key is not None and filter_unexpressed_genes is False:
         warn(f"filter_unexpressed_genes is set to False, but will ignored for "
              f"batch-aware flavor={flavor!r} HVG computation", UserWarning)
-    if batch_key is not None:
-        adata.strings_to_categoricals()  # scanpy's sanitize_anndata, with inplace=False too
     base = adata.uns.get("log1p", {}).get("base")
     moments = _moments(x, codes, n_batches, func=func, layer=layer,
                        mode=MODE_EXPM1 if flavor == "seurat" else MODE_IDENTITY,
                        scale=1.0 if base is None or flavor != "seurat" else float(np.log(base)),
                        count=COUNT_POSITIVE if batch_key is not None or filter_unexpressed_genes
                        else COUNT_NONE)
+    if batch_key is not None:  # after the pass, whose errors leave adata as it was
+        adata.strings_to_categoricals()  # scanpy's sanitize_anndata, with inplace=False too
     counts = np.bincount(codes, minlength=n_batches)
     if batch_key is None:
         df = _dispersion_batch(moments, 0, counts[0], flavor=flavor, n_bins=n_bins,
@@ -258,6 +268,15 @@ def highly_variable_genes(
 
 
 # ---------------------------------------------------------------- shared
+
+def _check_array(x, func: str) -> None:
+    """A TypeError for unsupported array types; for a dask array, a clear error unless it is
+    split by rows only into chunks of a supported type (before anything changes)."""
+    if is_dask(x):
+        check_row_chunks(x, func)
+    else:
+        placement(x)
+
 
 def _batch_codes(adata: AnnData, batch_key: str | None, func: str) -> tuple[np.ndarray, int]:
     """Each cell's batch as 0..n_batches-1 (categories in order, unused ones dropped)."""

@@ -19,6 +19,7 @@ from anndata import AnnData
 from .._core.adata import check_not_empty, get_matrix, nonfinite_error
 from .._core.arrays import is_sparse, placement
 from .._core.compat import view_to_actual, warn
+from .._core.dask import block_partials, check_row_chunks, compute, is_dask
 from .._kernels.moments import gene_moments, pearson_residual_sums
 
 _FUNC = "highly_variable_genes"
@@ -57,6 +58,13 @@ def highly_variable_genes_pearson_residuals(
     partial sums of at most 256 MiB plus one slice (``3 x n_vars`` doubles) per batch, 8 bytes
     per cell; CSC counts are read through one CSR copy. Ranks ties are
     broken as scanpy's (``np.argsort`` on the same values, pandas' sort).
+
+    A dask X (or layer) chunked by rows (numpy, scipy CSR, cupy or cupyx CSR chunks) goes
+    chunk by chunk through the same kernels (each chunk's cell totals from the chunk itself)
+    and synchronises twice: one pass for the per-batch gene totals and value checks, one for
+    the residual sums (a third, to look for values below 0, only when the first saw a sign
+    bit). X stays lazy and unchanged. scanpy 1.12 refuses dask here (its sparse path calls
+    ``sum(keepdims=...)`` on the chunks, its dense path indexes with a dask mask).
 
     Parameters
     ----------
@@ -119,7 +127,10 @@ def highly_variable_genes_pearson_residuals(
     if theta <= 0:
         raise ValueError("Pearson residuals require theta > 0")
     x = get_matrix(adata, layer=layer, func=_FUNC)  # KeyError before any change
-    placement(x)  # a TypeError for unsupported array types
+    if is_dask(x):
+        check_row_chunks(x, _FUNC)
+    else:
+        placement(x)  # a TypeError for unsupported array types
     check_not_empty(x, _FUNC)
     batches, codes = _batches(adata, batch_key)
     n_batches = batches.size
@@ -196,6 +207,8 @@ def highly_variable_genes_pearson_residuals(
 
 def _has_negative(x) -> bool:
     """A value below 0 (the kernels' flag also counts -0.0, which is a count of 0)."""
+    if is_dask(x):  # one more pass, only where the moments pass saw a sign bit
+        return any(compute(*block_partials(x, _FUNC, _has_negative)))
     values = x.data if is_sparse(x) else x
     return values.size > 0 and bool(values.min() < 0)  # synchronize!
 

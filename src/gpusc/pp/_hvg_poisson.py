@@ -20,9 +20,10 @@ import pandas as pd
 from anndata import AnnData
 
 from .._core.adata import actualize_view, check_not_empty, get_matrix, nonfinite_error
-from .._core.arrays import canonical, is_csc, is_sparse, placement, to_host, xp_of
+from .._core.arrays import canonical, is_csc, is_sparse, placement, to_host
+from .._core.dask import block_partials, check_row_chunks, compute, is_dask
 from .._kernels.hvg import poisson_expected_zeros
-from .._kernels.moments import COUNT_POSITIVE, gene_moments
+from .._kernels.moments import COUNT_POSITIVE, add_moments, gene_moments
 from .._kernels.normalize import row_sums
 from ._hvg_pearson import _batches
 
@@ -46,15 +47,20 @@ def poisson_gene_selection(
     """The body of ``highly_variable_genes(flavor="poisson_gene_selection")``; see its docstring."""
     n_top_genes = _check_n_top_genes(n_top_genes)
     x = get_matrix(adata, layer=layer, func=_FUNC)  # KeyError before any change
-    placement(x)  # a TypeError for unsupported array types
+    on_device = _check_array(x)
     check_not_empty(x, _FUNC)
     labels, codes = _batches(adata, batch_key)
     n_batches = labels.size
     if x.dtype.kind != "f":
         x = x.astype(np.float32)  # the kernels take float32/float64; counts fit exactly below 2^24
-    if is_sparse(x):
-        x = canonical(x)  # one copy if needed; scipy's CSC row sums would sum x's duplicates in place
-    moments = gene_moments(x, codes, n_batches, count=COUNT_POSITIVE, check_integer=check_values)
+    if is_dask(x):
+        moments, cell_totals = _dask_pass(x, codes, n_batches, check_values)
+    else:
+        if is_sparse(x):
+            x = canonical(x)  # one copy if needed; scipy's CSC row sums would sum x's duplicates in place
+        moments = gene_moments(x, codes, n_batches, count=COUNT_POSITIVE,
+                               check_integer=check_values)
+        cell_totals = None  # after the checks below
     where = f"layer {layer!r}" if layer else "adata.X"
     if moments.nonfinite:
         raise nonfinite_error(_FUNC, where)
@@ -75,9 +81,14 @@ def poisson_gene_selection(
     # Per batch: each gene's share of the batch's counts; a cell with total t then has a gene
     # at zero with probability exp(-share * t) under the Poisson model.
     scaled_means = moments.sum / batch_sums[:, None]
-    totals, weights, batch_start = _distinct_totals(_cell_totals(x), codes, n_batches)
-    expected = poisson_expected_zeros(xp_of(x).asarray(scaled_means), totals, weights,
-                                      batch_start)
+    if cell_totals is None:
+        cell_totals = _cell_totals(x)
+    totals, weights, batch_start = _distinct_totals(cell_totals, codes, n_batches)
+    if on_device:
+        import cupy as cp
+
+        scaled_means = cp.asarray(scaled_means)  # the expected zeros are computed on the device
+    expected = poisson_expected_zeros(scaled_means, totals, weights, batch_start)
     n_cells = np.bincount(codes, minlength=n_batches)[:, None]
     observed = 1.0 - moments.count / n_cells
     # P(Bernoulli(observed) > Bernoulli(expected)) for independent draws, which scvi's
@@ -126,6 +137,25 @@ def _check_n_top_genes(n_top_genes) -> int:
             or n_top_genes < 1:
         raise ValueError(f"{_FUNC}: n_top_genes={n_top_genes!r} must be a positive integer")
     return int(n_top_genes)
+
+
+def _check_array(x) -> bool:
+    """Whether x (or a dask x's chunks) lives on the device; a TypeError for unsupported array
+    types, and for a dask array not split by rows only into chunks of a supported type."""
+    if is_dask(x):
+        return check_row_chunks(x, _FUNC).startswith("device")
+    return placement(x) == "device"
+
+
+def _dask_pass(x, codes: np.ndarray, n_batches: int, check_values: bool):
+    """One pass over a dask x's chunks: the moments (as gene_moments gives them) and every
+    cell's total (float64, host)."""
+    def per_chunk(block, block_codes):
+        return (gene_moments(block, block_codes, n_batches, count=COUNT_POSITIVE,
+                             check_integer=check_values), _cell_totals(block))
+
+    parts = compute(*block_partials(x, _FUNC, per_chunk, codes))
+    return add_moments(p[0] for p in parts), np.concatenate([p[1] for p in parts])
 
 
 def _cell_totals(x) -> np.ndarray:

@@ -11,6 +11,8 @@ from anndata import AnnData
 
 from .._core.adata import check_not_empty, device_oom_hint, get_matrix, nonfinite_error
 from .._core.arrays import is_sparse, placement
+from .._core.compat import is_backed_type
+from .._core.dask import backed_rows, check_row_chunks, is_dask
 from .._kernels.qc import qc_stats
 
 
@@ -39,10 +41,20 @@ def calculate_qc_metrics(
     (summed first, as a dense view of it would be). Device peak beyond that: 8 doubles per
     cell and float64 per-gene partial sums of at most 256 MiB (``gpusc._kernels.moments``).
 
+    A dask X (chunked by rows; numpy, scipy CSR, cupy or cupyx CSR chunks) synchronises
+    once: one ``dask.compute`` runs both passes on every chunk, each chunk returning its
+    per-cell columns and per-gene sums (small), which are joined on the host (per-gene sums
+    added in chunk order). The matrix is never gathered, so workers need memory for one
+    chunk, not the matrix (scanpy 1.12's dask path gathers it for ``n_cells_by_counts``).
+    Chunk types are checked before anything is computed. A backed AnnData
+    (``read_h5ad(path, backed="r")``, dense or CSR on disk) is read the same way, 6,000 cells
+    at a time (scanpy 1.12 cannot compute QC metrics of a backed AnnData).
+
     Parameters
     ----------
     adata
-        Cells × genes. X (or the layer) may be numpy, scipy CSR/CSC, cupy or cupyx CSR/CSC.
+        Cells × genes. X (or the layer) may be numpy, scipy CSR/CSC, cupy or cupyx CSR/CSC,
+        or a dask array of row chunks of those (CSR, not CSC, chunks).
     expr_type, var_type
         Names used in the keys, e.g. ``total_{expr_type}``.
     qc_vars
@@ -80,7 +92,10 @@ def calculate_qc_metrics(
     KeyError
         A missing layer or qc_var.
     ValueError
-        NaN, inf or negative values (checked in the same pass), an empty matrix.
+        NaN, inf or negative values (checked in the same pass), an empty matrix; a dask X
+        split along genes.
+    TypeError
+        A dask X with CSC chunks, unsupported chunks, or chunks not all of one type.
     IndexError
         A ``percent_top`` position outside 1..n_vars.
     """
@@ -89,7 +104,12 @@ def calculate_qc_metrics(
         warnings.warn("Argument `parallel` is deprecated, and currently has no effect.",
                       FutureWarning, stacklevel=2)
     x = get_matrix(adata, layer=layer, use_raw=use_raw, func=func)
-    placement(x)  # a TypeError for unsupported array types
+    if is_backed_type(x):  # a backed AnnData: its file read chunk by chunk (scanpy fails here)
+        x = backed_rows(x, func)
+    if is_dask(x):
+        check_row_chunks(x, func)  # gene-split, CSC or unsupported chunks: an error now
+    else:
+        placement(x)  # a TypeError for unsupported array types
     check_not_empty(x, func)
     n_obs, n_vars = x.shape
     # qc_vars live in adata.var (as in scanpy), or in raw.var when raw has other genes
@@ -120,7 +140,8 @@ def calculate_qc_metrics(
     # 2**53 from the float64 sums), means of integers in float64
     dtype = np.zeros(0, x.dtype).sum().dtype
     mean_dtype = dtype if dtype.kind == "f" else np.dtype(np.float64)
-    nnz_dtype = x.indices.dtype if is_sparse(x) else np.dtype(np.int64)
+    chunk = x._meta if is_dask(x) else x  # a dask array's meta: its chunks' type
+    nnz_dtype = chunk.indices.dtype if is_sparse(chunk) else np.dtype(np.int64)
     obs_names = adata.obs_names
     var_names = adata.raw.var_names if use_raw else adata.var_names
     obs: dict[str, np.ndarray] = {}

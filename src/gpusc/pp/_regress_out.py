@@ -18,8 +18,9 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from .._core.adata import check_not_empty, get_matrix, nonfinite_error, set_matrix
-from .._core.arrays import is_csc, is_csr, is_sparse, placement, xp_of
+from .._core.arrays import is_csc, is_csr, is_sparse, placement, to_host, xp_of
 from .._core.compat import old_positionals, view_to_actual
+from .._core.dask import block_partials, check_row_chunks, compute, is_dask, map_rows
 
 _FUNC = "regress_out"
 # Elements of X densified (as float64) at a time.
@@ -140,36 +141,62 @@ def _fit_numeric(x, design: np.ndarray):
     r = xp.asarray(design)
     rhs = _rhs(x, lambda s, e: r[s:e])
     _check_finite(rhs)
+    coef, dtype = _numeric_model(rhs, design, lambda: _gene_range(x))
+    return _residuals(x, lambda s, e: r[s:e] @ coef, x.dtype if dtype is None else dtype,
+                      linear=(r, coef))
+
+
+def _singular(design: np.ndarray) -> bool:
+    return np.linalg.det(design.T @ design) == 0  # scanpy's test for its numpy path
+
+
+def _numeric_model(rhs, design: np.ndarray, gene_range: Callable):
+    """(coef, result dtype: None for X's own) from Rᵀ X; ``gene_range()`` gives each gene's
+    (min, max), asked for only with a singular design."""
+    xp = xp_of(rhs)
     gram = design.T @ design
-    if np.linalg.det(gram) != 0:  # scanpy's test for its numpy path
-        coef = xp.asarray(np.linalg.inv(gram)) @ rhs
-        return _residuals(x, lambda s, e: r[s:e] @ coef, x.dtype, linear=(r, coef))
+    if not _singular(design):
+        return xp.asarray(np.linalg.inv(gram)) @ rhs, None
     # scanpy's GLM path: least squares (minimum norm), constant genes left as they are, float64
     coef = xp.asarray(np.linalg.pinv(gram)) @ rhs
-    lo, hi = _gene_range(x)
+    lo, hi = gene_range()
     coef[:, lo == hi] = 0
-    return _residuals(x, lambda s, e: r[s:e] @ coef, np.float64, linear=(r, coef))
+    return coef, np.float64
 
 
-def _fit_categorical(x, codes: np.ndarray, n_cat: int):
-    """Per gene, least squares on [1, m] with m the gene's float32 category mean for the
-    cell's category (0 for cells without one), as scanpy's ``_create_regressor_categorical``
-    and GLM; solved in closed form with m centred, for all genes at once. float64 result."""
-    xp = xp_of(x)
-    n = x.shape[0]
-    codes_d = xp.asarray(codes)
+def _one_hot(codes, n_cat: int, xp):
+    """[1 | category indicators] for rows s:e of the cells whose category codes are ``codes``."""
+    codes = xp.asarray(codes)
 
-    def one_hot(s, e):  # [1 | category indicators] for rows s:e
+    def design(s, e):
         block = xp.zeros((e - s, n_cat + 1), np.float64)
         block[:, 0] = 1
-        c = codes_d[s:e]
+        c = codes[s:e]
         rows = xp.flatnonzero(c >= 0)
         block[rows, c[rows] + 1] = 1
         return block
 
-    rhs = _rhs(x, one_hot)
+    return design
+
+
+def _fit_categorical(x, codes: np.ndarray, n_cat: int):
+    """The float64 residuals of the fit of :func:`_categorical_model` (in memory)."""
+    xp = xp_of(x)
+    rhs = _rhs(x, _one_hot(codes, n_cat, xp))
     _check_finite(rhs)
     lo, hi = _gene_range(x)
+    intercept, table = _categorical_model(rhs, lo, hi, codes, n_cat, x.shape[0])
+    codes_d = xp.asarray(codes)
+    return _residuals(x, lambda s, e: intercept + table[codes_d[s:e] + 1], np.float64)
+
+
+def _categorical_model(rhs, lo, hi, codes: np.ndarray, n_cat: int, n: int):
+    """Per gene, least squares on [1, m] with m the gene's float32 category mean for the
+    cell's category (0 for cells without one), as scanpy's ``_create_regressor_categorical``
+    and GLM; solved in closed form with m centred, for all genes at once, from Rᵀ X of the
+    one-hot design. Returns (intercept, table): the fit of a cell of category c is
+    ``intercept + table[c + 1]`` (row 0 for cells without a category)."""
+    xp = xp_of(rhs)
     counts = np.bincount(codes[codes >= 0], minlength=n_cat).astype(np.float64)
     cat_sums = rhs[1:]  # n_cat × n_vars
     counts_d = xp.asarray(counts)[:, None]
@@ -182,12 +209,64 @@ def _fit_categorical(x, codes: np.ndarray, n_cat: int):
     sxx = (counts_d * (means - m_bar) ** 2).sum(axis=0) + n_none * m_bar**2
     slope = xp.where(sxx > 0, sxy / xp.where(sxx > 0, sxx, 1), 0)
     intercept = y_sum / n - slope * m_bar
-    constant = lo == hi  # scanpy leaves these genes untouched
+    constant = xp.asarray(lo == hi)  # scanpy leaves these genes untouched
     slope[constant] = 0
     intercept[constant] = 0
-    # fitted = intercept + slope * m(cell): row 0 for cells without a category
-    table = xp.concatenate([xp.zeros((1, x.shape[1])), slope * means], axis=0)
-    return _residuals(x, lambda s, e: intercept + table[codes_d[s:e] + 1], np.float64)
+    table = xp.concatenate([xp.zeros((1, rhs.shape[1])), slope * means], axis=0)
+    return intercept, table
+
+
+def _regress_dask(x, chunks: str, regressors):
+    """The corrected dask x: one pass for Rᵀ X (and each gene's min and max where constant
+    genes matter), the small fit on the host, then lazy residual chunks."""
+    numeric = regressors[0] == "numeric"
+    per_row = regressors[1]  # the numeric design, or the category codes
+    need_range = not numeric or _singular(per_row)
+
+    def chunk_stats(block, rows):
+        block = _float_x(block)
+        xp = xp_of(block)
+        n_vars = block.shape[1]
+        if block.shape[0] == 0:
+            k = rows.shape[1] if numeric else regressors[2] + 1
+            return np.zeros((k, n_vars)), np.full(n_vars, np.inf), np.full(n_vars, -np.inf)
+        if numeric:
+            r = xp.asarray(rows)
+            rhs = _rhs(block, lambda s, e: r[s:e])
+        else:
+            rhs = _rhs(block, _one_hot(rows, regressors[2], xp))
+        lo, hi = _gene_range(block) if need_range else (np.zeros(n_vars), np.zeros(n_vars))
+        return to_host(rhs), to_host(lo).astype(np.float64), to_host(hi).astype(np.float64)
+
+    parts = compute(*block_partials(x, _FUNC, chunk_stats, per_row))
+    rhs = np.sum([p[0] for p in parts], axis=0)
+    _check_finite(rhs)
+    lo = np.min([p[1] for p in parts], axis=0)
+    hi = np.max([p[2] for p in parts], axis=0)
+    on_device = chunks.startswith("device")
+    if numeric:
+        coef, dtype = _numeric_model(rhs, per_row, lambda: (lo, hi))
+        dtype = np.dtype(_float_x(x).dtype if dtype is None else dtype)
+    else:
+        intercept, table = _categorical_model(rhs, lo, hi, per_row, regressors[2], x.shape[0])
+        dtype = np.dtype(np.float64)
+
+    def residual_chunk(block, rows):
+        block = _float_x(block)
+        xp = xp_of(block)
+        if numeric:
+            r, c = xp.asarray(rows), xp.asarray(coef)
+            return _residuals(block, lambda s, e: r[s:e] @ c, dtype, linear=(r, c))
+        icpt, tab, codes = xp.asarray(intercept), xp.asarray(table), xp.asarray(rows)
+        return _residuals(block, lambda s, e: icpt + tab[codes[s:e] + 1], dtype)
+
+    if on_device:
+        import cupy as cp
+
+        meta = cp.empty((0, 0), dtype)
+    else:
+        meta = np.empty((0, 0), dtype)
+    return map_rows(x, _FUNC, residual_chunk, per_row, dtype=dtype, meta=meta)
 
 
 def _check_finite(rhs) -> None:
@@ -215,6 +294,13 @@ def regress_out(
     (integers: float32 up to 4 bytes, float64 beyond) for numeric keys; float64 for a
     categorical key or a singular design, where genes constant over all cells are left as
     they are. Device memory: the dense result plus float64 chunks of about 32 MiB.
+
+    A dask X (or layer) chunked by rows (numpy, scipy CSR, cupy or cupyx CSR chunks)
+    synchronises once: the per-cell regressors are small host arrays, sliced to each chunk;
+    one pass over the chunks gives ``Rᵀ X`` (and each gene's min and max, for a categorical key
+    or a singular design, to find the constant genes), the k × k fit runs on the host, and the
+    result is a lazy dask array of dense chunks (same row chunks, dtype as above). scanpy 1.12
+    refuses dask here (its numba regression loop cannot type a dask array).
     ``layer``, ``n_jobs`` and ``copy`` may still be given positionally, with scanpy's
     FutureWarning.
 
@@ -234,23 +320,27 @@ def regress_out(
     Returns
     -------
     ``None``, or the copy with ``copy=True``; X (or the layer) becomes the dense corrected
-    matrix (numpy or cupy, dtype as above). As in scanpy, string columns of ``obs`` and
+    matrix (numpy or cupy, or a dask array of those for dask input; dtype as above). As in scanpy, string columns of ``obs`` and
     ``var`` become categoricals (scanpy's sanitize_anndata) and a view becomes an actual
     AnnData with scanpy's UserWarning.
     """
     del n_jobs
     keys = [keys] if isinstance(keys, str) else list(keys)
     x = get_matrix(adata, layer=layer, func=_FUNC)  # KeyError before any change
-    placement(x)
+    chunks = check_row_chunks(x, _FUNC) if is_dask(x) else None
+    if chunks is None:
+        placement(x)
     check_not_empty(x, _FUNC)
     regressors = _regressor_columns(adata, keys)
     start = logg.info(f"regressing out {keys}")
-    if is_sparse(x):
+    if is_sparse(x) or (chunks or "").endswith("csr"):
         logg.info("    sparse input is densified and may lead to high memory use")
         if is_csc(x):
             x = x.tocsr()  # row chunks
     x = _float_x(x)
-    if regressors[0] == "categorical":
+    if chunks is not None:
+        result = _regress_dask(x, chunks, regressors)
+    elif regressors[0] == "categorical":
         result = _fit_categorical(x, regressors[1], regressors[2])
     else:
         result = _fit_numeric(x, regressors[1])

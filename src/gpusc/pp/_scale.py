@@ -12,6 +12,7 @@ from .._core.adata import check_not_empty, get_matrix, nonfinite_error, set_matr
 from .._core.arrays import is_csc, is_sparse, placement, xp_of
 from .._core.compat import (array_only_arguments, backed_error, check_mask, is_backed_type, old_positionals,
                             renamed_data_arg, view_to_actual, warn)
+from .._core.dask import check_row_chunks, fresh_values, is_dask, map_rows
 from .._kernels.moments import gene_moments
 from .._kernels.scale import scale_csr_to_dense, scale_dense_inplace, scale_sparse_inplace
 
@@ -85,6 +86,65 @@ def _scale_unmasked(x, zero_center: bool, max_value):
     return x, mean, std
 
 
+def _check_array(x) -> None:
+    """A TypeError for unsupported array types; for a dask array, a clear error unless it is
+    split by rows only into chunks of a supported type (before anything changes)."""
+    if is_dask(x):
+        check_row_chunks(x, _FUNC)
+    else:
+        placement(x)
+
+
+def _scale_dask(x, *, zero_center: bool, max_value, mask: np.ndarray | None):
+    """(lazily scaled dask x, mean, std): one pass for the statistics, then a new dask array
+    whose chunks are scaled as the in-memory path scales a matrix."""
+    kind = check_row_chunks(x, _FUNC)
+    mean, std = _moments(x, mask)  # the one pass
+    lo, hi = _bounds(max_value, zero_center)
+    sparse = kind.endswith("csr")
+    dtype, meta = x.dtype, x._meta
+    if sparse and zero_center:
+        _densify_warning()
+        if mask is None:  # dense float64 chunks, as scanpy's (and our in-memory) result
+            dtype = np.dtype(np.float64)
+            if kind.startswith("device"):
+                import cupy as cp
+
+                meta = cp.empty((0, 0), dtype)
+            else:
+                meta = np.empty((0, 0), dtype)
+    centre = mean if zero_center else None
+
+    def scale_chunk(block, *block_mask):
+        rows = None if not block_mask else np.flatnonzero(block_mask[0])
+        if is_sparse(block) and not zero_center:
+            out = fresh_values(block)  # the stored values change, not the structure
+            scale_sparse_inplace(out, std, hi, block_mask[0] if block_mask else None)
+            return out
+        xp = xp_of(block)
+        if rows is None:
+            if is_sparse(block):
+                return scale_csr_to_dense(block, mean, std, lo, hi, np.float64)
+            out = fresh_values(block)
+            scale_dense_inplace(out, centre, std, lo, hi)
+            return out
+        if rows.size == 0:  # no cell of the mask in this chunk
+            return block.copy()
+        # only the mask's rows, as the in-memory path
+        rows = xp.asarray(rows)
+        if is_sparse(block):
+            return _assign_sparse_rows(block, rows, scale_csr_to_dense(block[rows], mean, std, lo,
+                                                                       hi, np.float64))
+        out = fresh_values(block)
+        sub = xp.ascontiguousarray(out[rows])
+        scale_dense_inplace(sub, centre, std, lo, hi)
+        out[rows] = sub
+        return out
+
+    per_row = () if mask is None else (mask,)
+    return map_rows(x, _FUNC, scale_chunk, *per_row, dtype=dtype, meta=meta), mean, std
+
+
 def _assign_sparse_rows(x, rows, values):
     """x with rows `rows` replaced by the dense `values` (as scanpy's x[mask, :] = values)."""
     xp = xp_of(x)
@@ -105,6 +165,8 @@ def _scale_array(x, *, zero_center: bool, max_value, mask: np.ndarray | None):
     if x.dtype.kind != "f":
         logg.info("... as scaling leads to float results, integer input is cast to float, returning copy.")
         x = x.astype(np.float64)
+    if is_dask(x):
+        return _scale_dask(x, zero_center=zero_center, max_value=max_value, mask=mask)
     if x.shape[1] == 0:  # no genes: nothing to scale (scanpy's result, dense when centring)
         if is_sparse(x) and zero_center:
             _densify_warning()
@@ -160,6 +222,12 @@ def scale(
     float64 partials (rows in slices, a fixed order: at most 256 MiB,
     ``gpusc._kernels.moments``).
 
+    A dask matrix chunked by rows (numpy, scipy CSR, cupy or cupyx CSR chunks) synchronises
+    once: one pass for the per-gene mean and std (of the ``mask_obs`` cells); the scaling is
+    then lazy, a new dask array of the same row chunks built chunk by chunk by the same kernels
+    (the input chunks are not changed), with the output types and dtypes above (sparse chunks
+    centred become dense float64 chunks; with ``mask_obs`` they stay sparse).
+
     Parameters
     ----------
     data
@@ -185,8 +253,9 @@ def scale(
 
     Returns
     -------
-    For a matrix: the scaled matrix. For an AnnData: ``None``, or the copy with
-    ``copy=True``; X (or the layer/obsm) becomes the scaled matrix, ``var['mean']`` and
+    For a matrix: the scaled matrix (a lazy dask array for a dask matrix). For an AnnData:
+    ``None``, or the copy with ``copy=True``; X (or the layer/obsm) becomes the scaled matrix
+    (lazy for dask), ``var['mean']`` and
     ``var['std']`` (float64) hold each gene's mean and standard deviation before scaling
     (``'mean of {mask_obs}'``/``'std of {mask_obs}'`` for an obs column mask,
     ``'mean with mask'``/``'std with mask'`` for an array mask). With ``obsm`` these hold the
@@ -196,7 +265,7 @@ def scale(
     array_only_arguments(layer=layer, obsm=obsm)
     if is_backed_type(data):
         raise backed_error(data, _FUNC)
-    placement(data)
+    _check_array(data)
     _check_max_value(max_value)
     _check_cells(data)
     mask = check_mask(None, mask_obs, "obs", data.shape[0], _FUNC, "mask_obs")
@@ -223,7 +292,7 @@ def _(
     x = get_matrix(adata, layer=layer, obsm=obsm, func=_FUNC)  # KeyError before any change
     if is_backed_type(x):
         raise backed_error(x, _FUNC)
-    placement(x)
+    _check_array(x)
     _check_cells(x)
     if obsm is not None and x.shape[1] != adata.n_vars:
         # scanpy writes the columns' mean and std into adata.var, which pandas refuses after

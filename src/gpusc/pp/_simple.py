@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import singledispatch
+from functools import partial, singledispatch
 from numbers import Number
 
 import numpy as np
@@ -13,21 +13,29 @@ from .._core.adata import device_oom_hint, get_matrix, nonfinite_error, set_matr
 from .._core.arrays import canonical, is_sparse, placement, to_host, xp_of
 from .._core.compat import (array_only_arguments, is_backed_type, is_sparse_dataset, old_positionals,
                             renamed_data_arg, view_to_actual)
+from .._core.dask import block_partials, check_row_chunks, compute, fresh_values, is_dask, map_rows
 from .._kernels.normalize import log1p_inplace
 from .._kernels.qc import qc_stats
 
 
 def _counts_and_nnz(x, func: str, per_gene: bool):
-    """Per-cell (and, with per_gene, per-gene) totals and expressed counts, from one pass."""
-    placement(x)
+    """Per-cell (and, with per_gene, per-gene) totals and expressed counts, from one pass
+    (for a dask x: one dask computation over its row chunks)."""
+    if is_dask(x):
+        check_row_chunks(x, func)
+    else:
+        placement(x)
     stats = qc_stats(x, np.zeros((x.shape[1], 0), bool), np.zeros(0, np.int64), per_gene=per_gene)
     if stats.nonfinite:
         raise nonfinite_error(func)
     return stats
 
 
-def _positive_counts(x, axis: int) -> np.ndarray:
+def _positive_counts(x, axis: int, func: str) -> np.ndarray:
     """Values > 0 per cell (axis 0) or per gene (axis 1), as int64 on the host."""
+    if is_dask(x):  # one dask computation: per-cell counts joined, per-gene counts added
+        parts = compute(*block_partials(x, func, lambda block: _positive_counts(block, axis, func)))
+        return np.concatenate(parts) if axis == 0 else np.sum(parts, axis=0)
     if is_sparse(x):
         summed = canonical(x)  # a (cell, gene) stored twice counts once
         x = summed.copy() if summed is x else summed
@@ -66,7 +74,7 @@ def _filter(data, axis: int, func: str, options: dict[str, float | None], count_
         number = (stats.row_total if axis == 0 else stats.col_total).astype(np.zeros(0, data.dtype).sum().dtype)
     elif stats.negative:
         # scanpy counts values > 0, which differs from the kernel's non-zero count only here
-        number = _positive_counts(data, axis)
+        number = _positive_counts(data, axis, func)
     else:
         number = (stats.row_nnz if axis == 0 else stats.col_nnz).astype(np.int64)
     subset = number >= threshold if option.startswith("min") else number <= threshold
@@ -94,9 +102,13 @@ def filter_cells(
     """Filter cells on total counts or expressed genes, as :func:`scanpy.pp.filter_cells`.
 
     One pass over the matrix (kernel on the device for device arrays). Give exactly one
-    of the four thresholds. A gene counts as expressed where its value is positive, as in
-    scanpy (one more pass over the matrix when it holds negative values). The formerly
-    positional arguments still work, with scanpy's FutureWarning (filter_genes too).
+    of the four thresholds. A dask X (row chunks) synchronises once: one ``dask.compute``
+    of every chunk's per-cell totals and counts (two with negative values, see below); the
+    subsetting of the AnnData then stays lazy, and the returned arrays are host numpy
+    (scanpy returns dask arrays for dask input). A gene counts as expressed where its
+    value is positive, as in scanpy (one more pass over the matrix when it holds negative
+    values). The formerly positional arguments still work, with scanpy's FutureWarning
+    (filter_genes too).
 
     Returns
     -------
@@ -129,6 +141,9 @@ def filter_genes(
     ``(gene_subset, number_per_gene)`` when ``inplace=False`` or ``data`` is an array; else
     subsets ``adata`` and writes ``var['n_counts']`` (S, as in :func:`filter_cells`) or
     ``var['n_cells']`` (int64, cells where the gene's value is positive).
+
+    A dask X synchronises once, as in :func:`filter_cells`: one ``dask.compute`` of every
+    row chunk's per-gene sums and counts, added on the host; subsetting stays lazy.
     """
     return _filter(data, 1, "filter_genes",
                    dict(min_counts=min_counts, min_cells=min_cells, max_counts=max_counts,
@@ -155,6 +170,9 @@ def log1p(
     (``X`` an HDF5 dataset opened ``r+``) needs ``chunked=True``, as in scanpy: ``chunk_size``
     cells (default 6000) are read, transformed and written back at a time, after a first
     read of the chunks for the value check. Integer input becomes float64, as in scanpy.
+    A dask X (or array) stays lazy: a new dask array of the same row chunks, each computed
+    from its input chunk (never changed in place); the check for values below -1 runs as
+    each chunk is computed, so it raises then, not at the call.
     ``X=`` (scanpy's old name of ``data``) still works, with scanpy's FutureWarning.
 
     Returns
@@ -221,6 +239,9 @@ def _domain_error() -> ValueError:
 
 
 def _check_log1p_domain(x) -> None:
+    if is_dask(x):  # lazy: each chunk's values are checked as it is computed (_log1p_chunk)
+        check_row_chunks(x, "log1p")
+        return
     placement(x)  # a TypeError for unsupported array types
     if _below_minus_one(x):
         raise _domain_error()
@@ -243,7 +264,21 @@ def _check_backed_log1p(adata: AnnData, x, chunked, chunk_size) -> None:
         raise _domain_error()
 
 
+def _log1p_chunk(block, *, base):
+    """One chunk of a dask X: checked, then transformed into a new chunk (never in place)."""
+    if _below_minus_one(block):
+        raise _domain_error()
+    return _log1p_array(fresh_values(block, _log1p_dtype(block)), base=base, copy=False)
+
+
+def _log1p_dtype(x) -> np.dtype:
+    return x.dtype if x.dtype.kind == "f" else np.dtype(np.float64)  # scanpy's choice for integers
+
+
 def _log1p_array(x, *, base, copy: bool):
+    if is_dask(x):  # lazy: a new dask array of the same chunks
+        meta = fresh_values(x._meta, _log1p_dtype(x))  # the chunks' type, without running a kernel
+        return map_rows(x, "log1p", partial(_log1p_chunk, base=base), dtype=meta.dtype, meta=meta)
     placement(x)
     if x.dtype.kind != "f":
         x = x.astype(np.float64)  # scanpy's choice for integers

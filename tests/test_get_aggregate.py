@@ -263,10 +263,51 @@ def test_negative_dof(small):
         rsc.get.aggregate(test, by="cluster", func="var", dof=-1)
 
 
-def test_dask_is_refused_clearly(small):
-    # dask arrays wait for the out-of-core support (issue 13 item 5): a clear TypeError now
-    da = pytest.importorskip("dask.array")
+@pytest.mark.parametrize("fmt", ["dense float32", "csr float64", "csr int64"])
+@pytest.mark.parametrize("chunks", ["uneven", "empty"])
+def test_dask_layers_are_lazy_and_equal_in_memory(fmt, chunks):
+    # as scanpy: a dask X gives lazy layers; computing them is one pass over the chunks, and
+    # they equal the in-memory result (values and dtypes: scanpy's dask path makes the int64
+    # sums/counts of sparse input float64, its in-memory path and ours keep int64) and scanpy's
+    # dask values
+    from _dask import as_dask, count_computes
+
+    counts = synthetic_counts(60, 15, seed=3, empty_cols=(4,))
+    x = {"dense float32": counts.astype(np.float32), "csr float64": sparse.csr_matrix(counts.astype(np.float64)),
+         "csr int64": sparse.csr_matrix(counts.astype(np.int64))}[fmt]
+    memory, _ = make_pair(x, lambda m: m, obs=labelled_obs(60))
+    lazy = memory.copy()
+    lazy.X = as_dask(x, chunks, index_dtype=np.int64 if sparse.issparse(x) else None)
+    for func in (["sum", "mean", "count_nonzero"], ["var", "mean"]):
+        with count_computes() as c:
+            got = rsc.get.aggregate(lazy, by="cluster", func=func, mask="keep")
+        assert c.computes == 0 and all(hasattr(v, "dask") for v in got.layers.values())
+        with count_computes() as c:
+            computed = dict(zip(got.layers, __import__("dask").compute(*got.layers.values())))
+        assert c.computes == 1
+        want = rsc.get.aggregate(memory, by="cluster", func=func, mask="keep")
+        assert list(got.layers) == list(want.layers)
+        pd.testing.assert_frame_equal(got.obs, want.obs)
+        for name, have in computed.items():
+            assert have.dtype == want.layers[name].dtype, name
+            np.testing.assert_array_equal(have, want.layers[name], err_msg=name)
+        theirs = sc.get.aggregate(lazy, by="cluster", func=func, mask="keep")
+        for name, have in computed.items():
+            np.testing.assert_allclose(have, theirs.layers[name].compute(), rtol=1e-12, err_msg=name)
+
+
+def test_dask_median_and_axis_var_are_refused_as_scanpy(small):
+    from _dask import as_dask
+
     _, test = small
-    test.X = da.from_array(test.X.toarray(), chunks=(10, 12))
-    with pytest.raises(TypeError, match="dask arrays are not supported yet"):
-        rsc.get.aggregate(test, by="cluster", func="sum")
+    test.X = x = as_dask(test.X)
+    obs = test.obs.copy()
+    with pytest.raises(NotImplementedError) as ours:
+        rsc.get.aggregate(test, by="cluster", func=["sum", "median"])
+    with pytest.raises(NotImplementedError) as theirs:
+        sc.get.aggregate(test.copy(), by="cluster", func=["sum", "median"]).layers["median"].compute()
+    assert theirs.value.args[0] in ours.value.args[0]
+    with pytest.raises(NotImplementedError, match="axis='var' on a dask array"):
+        rsc.get.aggregate(test, by="cluster", func="sum", axis="var")
+    assert test.X is x
+    pd.testing.assert_frame_equal(test.obs, obs)

@@ -393,14 +393,48 @@ def test_bad_input_leaves_adata_unchanged(case):
     assert theirs.value.args[0] in ours.value.args[0]  # scanpy's message inside ours
 
 
-def test_dask_is_refused_clearly():
-    da = pytest.importorskip("dask.array")  # the optional extra gpusc[dask]; in the test extra
+@pytest.mark.parametrize("chunks", ["uneven", "empty"])
+@pytest.mark.parametrize("fmt", ["dense", "csr int64"])
+@pytest.mark.parametrize("method", ["t-test", "t-test_overestim_var"])
+def test_dask_t_tests_equal_in_memory_and_scanpy_on_dask(chunks, fmt, method):
+    # one pass over the row chunks (per-group sums added chunk by chunk): the same tables as
+    # in memory, and scanpy's on the same dask AnnData (scanpy 1.12 takes dask for t-tests)
+    from _dask import as_dask, count_computes
+
     adata = synthetic()
-    adata.X = da.from_array(adata.X, chunks=(60, -1))
+    if fmt != "dense":
+        adata.X = sparse.csr_matrix(adata.X)
+    lazy = adata.copy()
+    lazy.X = as_dask(adata.X, chunks, index_dtype=np.int64 if fmt != "dense" else None)
+    with count_computes() as c:
+        got = _gpusc(lazy, "group", method=method, pts=True)
+    assert c.computes == 1
+    assert_like_scanpy(got, _gpusc(adata, "group", method=method, pts=True), exact=True)
+    assert_like_scanpy(got, _scanpy(lazy, "group", method=method, pts=True))
+
+
+@pytest.mark.parametrize("method", ["wilcoxon", "logreg"])
+def test_dask_with_a_method_that_needs_whole_genes_is_refused_clearly(method):
+    from _dask import as_dask
+
+    adata = synthetic()
+    adata.X = as_dask(adata.X)
     before = snapshot(adata)
-    with pytest.raises(TypeError, match="dask array.*not support"):
-        gpusc.tl.rank_genes_groups(adata, "group")
+    with pytest.raises(TypeError, match="dask array; method=.*t-test"):
+        gpusc.tl.rank_genes_groups(adata, "group", method=method)
     assert_unchanged(adata, before)
+
+
+def test_dask_count_data_warns_as_in_memory(monkeypatch):
+    from _dask import as_dask
+
+    messages = []
+    monkeypatch.setattr(scanpy.logging, "warning", lambda msg, *a, **k: messages.append(msg))
+    counts = synthetic()
+    counts.X = np.rint(np.expm1(counts.X).clip(0))
+    counts.X = as_dask(sparse.csr_matrix(counts.X))
+    gpusc.tl.rank_genes_groups(counts, "group")
+    assert any("raw count data" in m for m in messages)
 
 
 def test_logreg_on_the_device_without_cuml_names_the_extra(monkeypatch):

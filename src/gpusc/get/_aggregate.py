@@ -14,8 +14,9 @@ from fast_array_utils import types
 
 from .._core.adata import device_oom_hint, nonfinite_error
 from .._core.arrays import is_sparse, placement, xp_of
+from .._core.dask import check_row_chunks, chunk_kind, is_dask
 from .._kernels.aggregate import group_medians
-from .._kernels.moments import COUNT_NONE, COUNT_NONZERO, gene_moments
+from .._kernels.moments import COUNT_NONE, COUNT_NONZERO, add_moments, gene_moments, moments_partials
 
 # scanpy 1.12's AggType, in its order (its error message lists them so)
 FUNCS = ("count_nonzero", "sum", "median", "mean", "var")
@@ -112,8 +113,15 @@ def aggregate(
         ``axis="var"`` or ``varm`` with ``axis="obs"``, a negative ``dof``, NaN or inf in the
         matrix.
     TypeError
-        Several of layer / obsm / varm; a dask array (not supported yet in gpusc: the
-        out-of-core support has not landed; compute it first or use scanpy).
+        Several of layer / obsm / varm.
+    NotImplementedError
+        ``median`` of a dask array (scanpy's message), a dask array with ``axis="var"``
+        (its chunks split cells, not genes).
+
+    A dask X (or layer) split by rows, as scanpy: the layers are lazy dask arrays (one chunk
+    each, groups × genes); computing any of them runs the one pass of the moments over the
+    chunks (a chunk at a time, each by the kernels of its kind), and all layers of one call
+    share it. NaN or inf in the matrix is then an error at compute time.
     """
     fn = "aggregate"
     if not isinstance(adata, AnnData):
@@ -134,7 +142,10 @@ def aggregate(
     n_groups = len(labels)
     labels["n_obs_aggregated"] = np.bincount(codes[codes >= 0], minlength=n_groups)
 
-    layers = _aggregate(x, codes, n_groups, funcs, dof, labels.index)
+    if is_dask(x):
+        layers = _aggregate_dask(x, codes, n_groups, funcs, dof, labels.index)
+    else:
+        layers = _aggregate(x, codes, n_groups, funcs, dof, labels.index)
 
     if obsm or varm:
         data = adata.obsm[obsm] if obsm else adata.varm[varm]
@@ -207,10 +218,12 @@ def _matrix(adata: AnnData, axis: int, layer, obsm, varm):
         x = adata.X
     if isinstance(x, pd.DataFrame):
         x = x.to_numpy()
-    if isinstance(x, types.DaskArray):
-        raise TypeError(
-            f"{fn}: dask arrays are not supported yet in gpusc (its out-of-core support has not "
-            "landed); compute the array first (x.compute()) or use scanpy.get.aggregate")
+    if is_dask(x):
+        check_row_chunks(x, fn)
+        if axis == 1:
+            raise NotImplementedError(f"{fn}: axis='var' on a dask array: its chunks split the cells, "
+                                      "so a gene's values are spread over every chunk; compute it first")
+        return x
     placement(x)  # a TypeError naming the supported types otherwise
     if axis == 1 and varm is None:
         x = x.T
@@ -259,19 +272,63 @@ def _float_matrix(x):
 def _aggregate(x, codes: np.ndarray, n_groups: int, funcs: set[str], dof: int,
                group_names: pd.Index) -> dict[str, object]:
     """The layers, in the order (and dtypes) scanpy writes them."""
-    sparse = is_sparse(x)
     device = placement(x) == "device"
-    integer = np.issubdtype(x.dtype, np.integer)
     moments = None
     if funcs - {"median"}:
         moments = gene_moments(_float_matrix(x), codes.astype(np.int32), n_groups,
                                squares="var" in funcs,
                                count=COUNT_NONZERO if "count_nonzero" in funcs else COUNT_NONE)
-        if moments.nonfinite:
-            raise nonfinite_error("aggregate", "the matrix")
     elif not _all_finite(x):
         raise nonfinite_error("aggregate", "the matrix")
+    layers = _layers(moments, codes, n_groups, funcs, dof, group_names, is_sparse(x),
+                     np.issubdtype(x.dtype, np.integer))
+    if device:
+        import cupy as cp
 
+        layers = {k: cp.asarray(v) for k, v in layers.items()}
+    if "median" in funcs:
+        layers["median"] = group_medians(x, codes.astype(np.int32), n_groups)
+    return layers
+
+
+def _aggregate_dask(x, codes: np.ndarray, n_groups: int, funcs: set[str], dof: int,
+                    group_names: pd.Index) -> dict[str, object]:
+    """The layers of a dask matrix as lazy dask arrays that share one moments pass."""
+    import dask
+    import dask.array as da
+
+    if "median" in funcs:  # scanpy's message
+        raise NotImplementedError("aggregate: Dask median calculation not supported.  If you want a "
+                                  "median-of-medians calculation, please open an issue.")
+    kind = check_row_chunks(x, "aggregate")
+    sparse, integer = kind.endswith("csr"), np.issubdtype(x.dtype, np.integer)
+    partials = moments_partials(_float_matrix(x), codes.astype(np.int32), n_groups,
+                                squares="var" in funcs,
+                                count=COUNT_NONZERO if "count_nonzero" in funcs else COUNT_NONE)
+    layers = dask.delayed(lambda parts: _layers(add_moments(parts), codes, n_groups, funcs, dof,
+                                                group_names, sparse, integer))(partials)
+    dtypes = {"sum": np.int64 if sparse and integer else np.float64, "mean": np.float64,
+              "var": np.float64, "count_nonzero": np.int64 if sparse else np.float64}
+    order = _layers_order(funcs)
+    return {name: da.from_delayed(layers[name], (n_groups, x.shape[1]), dtype=dtypes[name])
+            for name in order}
+
+
+def _layers_order(funcs: set[str]) -> list[str]:
+    """The layer names, in scanpy's order for in-memory input (as _layers writes them)."""
+    order = [f for f in ("sum", "mean", "count_nonzero") if f in funcs and not (f == "mean" and "var" in funcs)]
+    if "var" in funcs:
+        order += ["var", "mean"] if "mean" in funcs else ["var"]
+    return order
+
+
+def _layers(moments, codes, n_groups: int, funcs: set[str], dof: int, group_names: pd.Index,
+            sparse: bool, integer: bool) -> dict[str, np.ndarray]:
+    """The host layers from the moments (median aside), in scanpy's order and dtypes."""
+    if moments is None:
+        return {}
+    if moments.nonfinite:
+        raise nonfinite_error("aggregate", "the matrix")
     n = np.bincount(codes[codes >= 0], minlength=n_groups).astype(np.float64)[:, None]
     layers: dict[str, np.ndarray] = {}
     if "sum" in funcs:
@@ -285,12 +342,6 @@ def _aggregate(x, codes: np.ndarray, n_groups: int, funcs: set[str], dof: int,
         layers["var"] = var
         if "mean" in funcs:
             layers["mean"] = mean
-    if device:
-        import cupy as cp
-
-        layers = {k: cp.asarray(v) for k, v in layers.items()}
-    if "median" in funcs:
-        layers["median"] = group_medians(x, codes.astype(np.int32), n_groups)
     return layers
 
 

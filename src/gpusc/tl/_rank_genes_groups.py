@@ -24,7 +24,8 @@ from scanpy import logging as logg
 from .._core.adata import check_not_empty, nonfinite_error
 from .._core.arrays import placement, to_host
 from .._core.compat import backed_error, check_mask, is_backed_type, old_positionals
-from .._kernels.moments import COUNT_NONE, COUNT_NONZERO, gene_moments
+from .._core.dask import block_partials, check_row_chunks, compute, is_dask
+from .._kernels.moments import COUNT_NONE, COUNT_NONZERO, add_moments, gene_moments
 from .._kernels.rank_genes import rank_sums
 
 _FUNC = "rank_genes_groups"
@@ -146,8 +147,9 @@ def rank_genes_groups(
         selected group with fewer than two cells; ``layer`` with ``use_raw``; ``use_raw``
         without ``adata.raw``; NaN or inf in the matrix; logreg on a single group.
     TypeError
-        A dask array or another unsupported matrix type; a ``groupby`` column that is neither
-        categorical nor strings (scanpy: an AttributeError).
+        An unsupported matrix type, a dask array with wilcoxon or logreg (they need every cell
+        of a gene at once), or a dask array whose chunks are CSC or split along genes; a
+        ``groupby`` column that is neither categorical nor strings (scanpy: an AttributeError).
     ImportError
         logreg on a device matrix without cuML.
     """
@@ -179,8 +181,7 @@ def rank_genes_groups(
                          f"{', '.join(invalid)} since they only contain one sample.")
     ireference = None if reference == "rest" else groups_order.index(reference)
 
-    x, var_names, where = _matrix(adata, layer=layer, use_raw=use_raw, mask_var=mask_var,
-                                  to_float=method != "logreg")
+    x, var_names, where = _matrix(adata, layer=layer, use_raw=use_raw, mask_var=mask_var, method=method)
     n_obs, n_vars = x.shape
     n_genes_user = n_vars if n_genes is None or n_genes > n_vars else n_genes
 
@@ -193,11 +194,11 @@ def rank_genes_groups(
             stat_codes, n_stat_groups = np.where(codes >= 0, codes, len(groups_order)), len(groups_order) + 1
         else:
             stat_codes, n_stat_groups = codes, len(groups_order)
-        moments = gene_moments(x, stat_codes, n_stat_groups, squares=method != "wilcoxon",
-                               count=COUNT_NONZERO if pts else COUNT_NONE)
+        moments, counts = _moments(x, stat_codes, n_stat_groups, squares=method != "wilcoxon",
+                                   count=COUNT_NONZERO if pts else COUNT_NONE)
         if moments.nonfinite:
             raise nonfinite_error(_FUNC, where)
-        if _nonnegative_integers(x, moments):
+        if counts:
             logg.warning("It seems you use rank_genes_groups on the raw count data. "
                          "Please logarithmize your data before calling rank_genes_groups.")
         stat_size = np.bincount(stat_codes[stat_codes >= 0], minlength=n_stat_groups)
@@ -271,9 +272,10 @@ def _groups_order(groups, reference: str, labels: pd.Series) -> list:
     return [categories[i] for i in categories.get_indexer(selected)]  # scanpy: given order
 
 
-def _matrix(adata: AnnData, *, layer, use_raw: bool, mask_var, to_float: bool):
+def _matrix(adata: AnnData, *, layer, use_raw: bool, mask_var, method: str):
     """(matrix, gene names, what to call it in errors), masked to ``mask_var``; integer
-    matrices as float32 with ``to_float`` (logreg hands scikit-learn the matrix as scanpy)."""
+    matrices as float32 but for logreg (it hands scikit-learn the matrix as scanpy)."""
+    to_float = method != "logreg"
     if layer is not None:
         if use_raw:
             raise ValueError(f"{_FUNC}: Cannot specify `layer` and have `use_raw=True`.")
@@ -286,19 +288,22 @@ def _matrix(adata: AnnData, *, layer, use_raw: bool, mask_var, to_float: bool):
         x, var_names, where = adata.X, adata.var_names, "adata.X"
     if x is None:
         raise ValueError(f"{_FUNC}: {where} is None; pass layer= to choose a layer")
-    if isinstance(x, types.DaskArray):
-        raise TypeError(f"{_FUNC}: {where} is a dask array, which gpusc does not support yet "
-                        "(out-of-core support is planned); compute it first (x.compute()) or "
-                        "use scanpy.tl.rank_genes_groups")
-    if is_backed_type(x):
+    if is_dask(x):
+        check_row_chunks(x, _FUNC)
+        if not to_float or method == "wilcoxon":
+            raise TypeError(f"{_FUNC}: {where} is a dask array; method={method!r} needs every cell "
+                            "of a gene at once: use method='t-test' (one pass over the chunks), or "
+                            "compute the matrix first (x.compute())")
+    elif is_backed_type(x):
         raise backed_error(x, _FUNC)
-    placement(x)  # a TypeError naming the supported types
+    else:
+        placement(x)  # a TypeError naming the supported types
     if mask_var is not None:
         if mask_var.size != x.shape[1]:
             raise ValueError(f"{_FUNC}: mask_var has {mask_var.size} entries but {where} has "
                              f"{x.shape[1]} genes")
         genes = np.flatnonzero(mask_var)
-        if placement(x) == "device":
+        if not is_dask(x) and placement(x) == "device":
             import cupy as cp
 
             genes = cp.asarray(genes)
@@ -307,6 +312,21 @@ def _matrix(adata: AnnData, *, layer, use_raw: bool, mask_var, to_float: bool):
     if to_float and x.dtype.kind != "f":
         x = x.astype(np.float32)  # the kernels take float32/float64; counts exact below 2^24
     return x, var_names, where
+
+
+def _moments(x, codes, n_groups: int, **kwargs):
+    """gene_moments of ``x`` and whether ``x`` holds only non-negative integers (raw counts:
+    scanpy's warning); on a dask array both from one pass over its chunks."""
+    if not is_dask(x):
+        moments = gene_moments(x, codes, n_groups, **kwargs)
+        return moments, _nonnegative_integers(x, moments)
+
+    def per_chunk(block, block_codes):
+        moments = gene_moments(block, block_codes, n_groups, **kwargs)
+        return moments, _nonnegative_integers(block, moments)
+
+    parts = compute(*block_partials(x, _FUNC, per_chunk, codes))
+    return add_moments(m for m, _ in parts), all(counts for _, counts in parts)
 
 
 def _stored_values(x):

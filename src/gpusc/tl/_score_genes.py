@@ -8,11 +8,11 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from fast_array_utils import types
 from scanpy import logging as logg
 
 from .._core.adata import device_oom_hint, get_matrix
 from .._core.arrays import is_sparse, placement, to_host, xp_of
+from .._core.dask import check_row_chunks, is_dask
 from .._kernels.moments import COUNT_NONE, gene_moments
 from .._kernels.qc import qc_stats
 
@@ -87,9 +87,14 @@ def score_genes(
         No control genes were found.
     KeyError
         A missing layer.
+    ValueError
+        A dask matrix with NaN or inf (scanpy's NaN-skipping means run in memory), or whose
+        chunks are split along genes.
     TypeError
-        A dask array (not supported yet in gpusc: the out-of-core support has not landed) or
-        another unsupported matrix type.
+        An unsupported matrix type; dask chunks in CSC or not all of one type.
+
+    A dask matrix split by rows is read in two passes over its chunks (the genes' means,
+    then the cells' means over the list and control genes); nothing is gathered.
     """
     fn = "score_genes"
     start = logg.info(f"computing score {score_name!r}")
@@ -134,11 +139,10 @@ def _matrix(adata: AnnData, layer, use_raw: bool, fn: str):
     if layer is not None and use_raw:
         raise ValueError(f"{fn}: Only one of `layer`, or `use_raw` can be specified.")
     x = get_matrix(adata, layer=layer, use_raw=use_raw, func=fn)
-    if isinstance(x, types.DaskArray):
-        raise TypeError(
-            f"{fn}: dask arrays are not supported yet in gpusc (its out-of-core support has not "
-            f"landed); compute the array first (x.compute()) or use scanpy.tl.{fn}")
-    placement(x)  # a TypeError naming the supported types otherwise
+    if is_dask(x):
+        check_row_chunks(x, fn)
+    else:
+        placement(x)  # a TypeError naming the supported types otherwise
     return x if x.dtype.kind == "f" else x.astype(np.float64)  # integers: float64, as nanmean
 
 
@@ -186,10 +190,19 @@ def _gene_means(x) -> np.ndarray:
     for dense float32 input (numpy's nanmean dtype, in which scanpy ranks the genes)."""
     moments = gene_moments(x, squares=False, count=COUNT_NONE)
     if moments.nonfinite:
-        means = _nan_means(x, np.ones(x.shape[1], bool), axis=0)
+        means = _nan_means(_in_memory(x), np.ones(x.shape[1], bool), axis=0)
     else:
         means = moments.sum[0] / x.shape[0]
-    return means.astype(np.float32) if x.dtype == np.float32 and not is_sparse(x) else means
+    dense = check_row_chunks(x, "score_genes").endswith("dense") if is_dask(x) else not is_sparse(x)
+    return means.astype(np.float32) if x.dtype == np.float32 and dense else means
+
+
+def _in_memory(x):
+    """``x`` itself; a dask matrix with NaN is refused (the NaN-skipping means run in memory)."""
+    if is_dask(x):
+        raise ValueError("score_genes: the dask matrix contains NaN or inf; its NaN-skipping means "
+                         "(numpy's nanmean, as scanpy) need the matrix in memory: compute it first")
+    return x
 
 
 def _cell_means(x, masks: np.ndarray) -> np.ndarray:
@@ -197,11 +210,11 @@ def _cell_means(x, masks: np.ndarray) -> np.ndarray:
     the masks' genes taken out (a copy of those columns only), then one pass over its rows
     (qc's per-cell sums over gene masks; a CSC copy goes through CSR)."""
     genes = np.flatnonzero(masks.any(axis=1))
-    sub = x[:, xp_of(x).asarray(genes)]
+    sub = x[:, genes if is_dask(x) else xp_of(x).asarray(genes)]
     masks = masks[genes]
     stats = qc_stats(sub, masks, np.zeros(0, np.int64), per_gene=False)
     if stats.nonfinite:
-        return np.stack([_nan_means(sub, m, axis=1) for m in masks.T], axis=1)
+        return np.stack([_nan_means(_in_memory(sub), m, axis=1) for m in masks.T], axis=1)
     return stats.row_qc / masks.sum(axis=0)
 
 

@@ -129,6 +129,7 @@ def topk():
 
     x = np.random.default_rng(1).normal(size=(700, 20)).astype(np.float32)
     knn_device(x, 10, "euclidean")  # the fused TF32 pass
+    knn_device(x, 10, "euclidean", query_rows=(256, len(x)))  # one worker's block of queries
     knn_device(x, 10, "cosine", fused=False)  # cuBLAS tiles and topk_tile
     knn_device(x, 10, "manhattan")
 

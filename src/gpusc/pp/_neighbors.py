@@ -349,7 +349,7 @@ def _representation(adata: AnnData, use_rep, n_pcs, func, *, with_chunks: bool =
         else:
             key = next((k for k in ("pca", "X_pca") if k in adata.obsm), None)
             if key is None:
-                return None
+                return (None, None) if with_chunks else None
             x = adata.obsm[key]
             if n_pcs is not None and n_pcs > x.shape[1]:
                 raise ValueError(f"{func}: n_pcs={n_pcs} but obsm[{key!r}] has only {x.shape[1]} "

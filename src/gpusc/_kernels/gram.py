@@ -260,3 +260,111 @@ def _gram_csr_host(data, indices, indptr, n_rows, n_cols, block):
                 _cross(data, indices, sa, ea, starts[r - r0, b], starts[r - r0, b + 1], upper,
                        a == b)
     return upper, sums
+
+
+# ---------------------------------------------------------------- products with X
+# X·V and Xᵀ·U in float64 for pca's matrix-free solvers (Lanczos, subspace iteration),
+# where X lives. Host CSR: numba kernels over the stored values on all cores (scipy's
+# sparse products run on one thread); dense, DenseRows and device input: float64 row
+# chunks of at most DENSE_CHUNK_BYTES on BLAS/cuBLAS (cuSPARSE for device CSR).
+RMATMAT_PART_BYTES = 64 << 20  # per-part partial sums of the host CSR Xᵀ·U, all parts together
+RMATMAT_MAX_PARTS = 8  # fixed by the shape, not the thread count: the same sums run to run
+
+
+@singledispatch
+def matmat(x, v):
+    """X·V (n_obs × b float64, where ``x`` lives) for V n_vars × b float64."""
+    xp = xp_of(v)
+    out = xp.empty((x.shape[0], v.shape[1]), np.float64)
+    for start, stop in _row_chunks(*x.shape):
+        out[start:stop] = _as_float64(x[start:stop]) @ v
+    return out
+
+
+@singledispatch
+def rmatmat(x, u):
+    """Xᵀ·U (n_vars × b float64, where ``x`` lives) for U n_obs × b float64; row chunks
+    summed in order."""
+    xp = xp_of(u)
+    out = xp.zeros((x.shape[1], u.shape[1]), np.float64)
+    for start, stop in _row_chunks(*x.shape):
+        out += _as_float64(x[start:stop]).T @ u[start:stop]
+    return out
+
+
+def _as_float64(chunk):
+    return chunk if chunk.dtype == np.float64 else chunk.astype(np.float64)
+
+
+@matmat.register(types.csr_matrix | types.csr_array)
+def _(x, v):
+    out = np.zeros((x.shape[0], v.shape[1]))
+    _csr_matmat_host(x.data, x.indices, x.indptr, np.ascontiguousarray(v, dtype=np.float64), out)
+    return out
+
+
+@rmatmat.register(types.csr_matrix | types.csr_array)
+def _(x, u):
+    n_rows, n_cols = x.shape
+    width = u.shape[1]
+    n_parts = int(max(1, min(RMATMAT_MAX_PARTS, n_rows // 1024,
+                             RMATMAT_PART_BYTES // (8 * max(n_cols * width, 1)))))
+    out = np.zeros((n_cols, width))
+    _csr_rmatmat_host(x.data, x.indices, x.indptr, np.ascontiguousarray(u, dtype=np.float64),
+                      n_parts, out)
+    return out
+
+
+@matmat.register(types.csc_matrix | types.csc_array)
+def _(x, v):
+    return matmat(x.tocsr(), v)
+
+
+@rmatmat.register(types.csc_matrix | types.csc_array)
+def _(x, u):
+    return rmatmat(x.tocsr(), u)
+
+
+@numba.njit(parallel=True, cache=True)
+def _csr_matmat_host(data, indices, indptr, v, out):
+    # one row per iteration: each row's sum is its own, in stored order
+    width = v.shape[1]
+    for r in numba.prange(out.shape[0]):
+        start, stop = indptr[r], indptr[r + 1]
+        if width == 1:  # Lanczos' matrix-vector product: a scalar sum
+            acc = 0.0
+            for j in range(start, stop):
+                acc += np.float64(data[j]) * v[indices[j], 0]
+            out[r, 0] = acc
+            continue
+        for j in range(start, stop):
+            value = np.float64(data[j])
+            col = indices[j]
+            for c in range(width):
+                out[r, c] += value * v[col, c]
+
+
+@numba.njit(parallel=True, cache=True)
+def _csr_rmatmat_host(data, indices, indptr, u, n_parts, out):
+    # rows cut into n_parts contiguous parts, each summed into its own partial in parallel;
+    # the partials are then added in part order, gene by gene
+    n_rows = indptr.size - 1
+    n_cols, width = out.shape
+    partial = np.zeros((n_parts, n_cols, width))
+    for p in numba.prange(n_parts):
+        for r in range(p * n_rows // n_parts, (p + 1) * n_rows // n_parts):
+            start, stop = indptr[r], indptr[r + 1]
+            if width == 1:
+                ur = u[r, 0]
+                for j in range(start, stop):
+                    partial[p, indices[j], 0] += np.float64(data[j]) * ur
+                continue
+            for j in range(start, stop):
+                value = np.float64(data[j])
+                col = indices[j]
+                for c in range(width):
+                    partial[p, col, c] += value * u[r, c]
+    for g in numba.prange(n_cols):
+        for p in range(n_parts):
+            for c in range(width):
+                out[g, c] += partial[p, g, c]

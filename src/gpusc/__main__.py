@@ -5,6 +5,7 @@ Usage::
     gpusc run [INPUT] [--out DIR] [--device auto|gpu|cpu] [--n-obs N] [--seed S]
               [--groupby COL] [--batch-key COL] [--qc-vars mt,ribo,hb]
               [--n-top-genes 2000] [--resolution 1.0] [--min-genes 100] [--min-cells 3]
+              [--chunk-size N [--gpus K] [--memory-limit SIZE]]
     gpusc bench ...   (see gpusc._bench)
     python -m gpusc run ...
 
@@ -28,6 +29,14 @@ versions; the ARI of the Leiden clusters against the known labels), ``OUT/report
 variance ratio, UMAPs, marker genes; see :mod:`gpusc._report`) and ``OUT/umap.png``, and
 prints the table. Errors in the command line or the input are one line on stderr and exit
 code 2.
+
+Out of core (``--chunk-size N``): X is read lazily in chunks of N cells with anndata's
+reader (:mod:`gpusc._outofcore`; .h5ad or .zarr input) and every step runs on a
+dask.distributed cluster (a LocalCluster of one worker per core, or a dask-cuda
+LocalCUDACluster of ``--gpus K`` GPUs), whose dashboard address is printed. Element-wise
+steps stay lazy, so their rows show little time and the pass over the data is counted in
+the step that synchronises (the statistics of QC, filtering, HVG, scale, PCA); the table,
+report and plot are those of the in-memory run.
 """
 
 from __future__ import annotations
@@ -69,6 +78,11 @@ examples:
   gpusc run cells.h5ad --qc-vars mt,ercc=ERCC-  NAME=PREFIX flags the genes whose names start with PREFIX
   gpusc run cells.h5ad --n-obs 200000 --groupby cell_type
                                                 200,000 new cells drawn from a model of each cell type
+  gpusc run atlas.zarr --chunk-size 50000 --memory-limit 6GiB
+                                                out of core: X read 50,000 cells at a time on a dask
+                                                LocalCluster (one worker per core, 6 GiB in all)
+  gpusc run atlas.zarr --chunk-size 200000 --gpus 2
+                                                out of core on a dask-cuda cluster of two GPUs
 
 Writes OUT/result.h5ad, OUT/report.json, OUT/report.html (open it in a browser) and OUT/umap.png.
 Errors in the arguments or the input: one line on stderr, exit code 2.
@@ -192,6 +206,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--n-top-genes", type=_positive(int), default=2000,
                      help="highly_variable_genes(n_top_genes=...) (default 2000)")
     run.add_argument("--resolution", type=_positive(float), default=1.0, help="leiden(resolution=...) (default 1.0)")
+    run.add_argument("--chunk-size", type=_positive(int), default=None,
+                     help="out of core: read X lazily in chunks of this many cells (.h5ad or .zarr INPUT, or "
+                          "the synthetic data) and run on a dask.distributed cluster")
+    run.add_argument("--gpus", type=_positive(int), default=None,
+                     help="with --chunk-size: a dask-cuda LocalCUDACluster of this many GPUs (RMM pool)")
+    run.add_argument("--memory-limit", default=None,
+                     help="with --chunk-size: the dask workers' memory limit in all (e.g. 6GiB), shared equally")
     from ._bench import add_parser
 
     add_parser(sub)
@@ -335,12 +356,14 @@ def _load(args) -> Loaded:
         _obs_column(adata, "--batch-key", args.batch_key, "the synthetic data")
     else:
         path = args.input
-        adata, kind = read_counts(path)
+        lazy = args.chunk_size is not None and args.n_obs is None
+        adata, kind = _read_lazy_counts(path, args.chunk_size) if lazy else read_counts(path)
         if adata.X is None:
             raise UsageError(f"{path} has no X; gpusc run expects raw counts in X")
         if adata.n_obs == 0 or adata.n_vars == 0:
             raise UsageError(f"{path} is empty ({adata.n_obs} x {adata.n_vars})")
-        _check_counts(adata.X, f"{path}: X", adata.layers.keys())
+        # out of core: the first chunk stands for the rest (reading all would be a pass of its own)
+        _check_counts(adata.X.blocks[0].compute() if lazy else adata.X, f"{path}: X", adata.layers.keys())
         _obs_column(adata, "--groupby", args.groupby, str(path))
         _obs_column(adata, "--batch-key", args.batch_key, str(path))
         description = f"{path} ({kind}, {adata.n_obs} x {adata.n_vars})"
@@ -352,9 +375,57 @@ def _load(args) -> Loaded:
             _obs_column(adata, "--batch-key", args.batch_key,
                         f"the cells drawn with --n-obs (they keep obs[{args.groupby!r}] only: give the batch "
                         f"column as --groupby)")
+    if args.chunk_size is not None and not _is_dask(adata.X):  # synthetic or resampled cells
+        import dask.array as da
+
+        adata.X = da.from_array(adata.X, chunks=(args.chunk_size, -1))
     qc_var_genes = _qc_flags(adata, args.qc_vars)
     args.qc_var_keys = list(qc_var_genes)
     return Loaded(adata, description, labels, qc_var_genes)
+
+
+class _NoCluster:
+    def close(self) -> None:
+        pass
+
+
+def _dask_cluster(args):
+    """With --chunk-size: the started dask.distributed cluster (its dashboard printed) and
+    ``close()`` to stop it; else nothing to close."""
+    if args.chunk_size is None:
+        return _NoCluster()
+    from contextlib import ExitStack
+
+    from ._outofcore import cluster
+
+    stack = ExitStack()
+    client = stack.enter_context(cluster(args.gpus, args.memory_limit))
+    print(f"dask dashboard: {client.dashboard_link} ({len(client.scheduler_info()['workers'])} workers)")
+    return stack
+
+
+def _is_dask(x) -> bool:
+    from ._core.dask import is_dask
+
+    return is_dask(x)
+
+
+def _read_lazy_counts(path: Path, chunk_size: int):
+    """``read_counts`` out of core: X a dask array of ``chunk_size`` cells per chunk."""
+    from ._outofcore import read_lazy
+
+    if not path.exists():
+        raise UsageError(f"input not found: {path}")
+    kind = ".h5ad" if path.is_file() and path.suffix == ".h5ad" else ".zarr" if path.is_dir() and _is_zarr(path) else None
+    if kind is None:
+        raise UsageError(f"--chunk-size reads an .h5ad file or a .zarr store lazily; convert {path} to one "
+                         "first (scanpy's readers, then adata.write_zarr)")
+    try:
+        adata = read_lazy(path, chunk_size)
+    except Exception as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise UsageError(f"could not read {path} lazily as {kind}: {message}") from err
+    return adata, f"{kind}, read lazily in chunks of {chunk_size} cells"
 
 
 # ---------------------------------------------------------------- run
@@ -412,6 +483,10 @@ def _run(args, compiles) -> dict:
     device = _choose_device(args.device)
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a folder")
+    if args.chunk_size is None and (args.gpus is not None or args.memory_limit is not None):
+        raise UsageError("--gpus and --memory-limit set up the dask cluster of --chunk-size; add --chunk-size N")
+    if args.gpus is not None and device != "gpu":
+        raise UsageError("--gpus K runs on GPUs: no CUDA device is visible (or --device cpu was given)")
     loaded = _load(args)
     adata = loaded.adata
     load_seconds, load_compile_seconds = time.perf_counter() - started, compiles.seconds
@@ -443,6 +518,7 @@ def _run(args, compiles) -> dict:
 
     settings_before = gpusc.settings.device
     gpusc.settings.device = device  # neighbors/umap/leiden (host obsm/obsp in) run where --device says
+    dask_client = _dask_cluster(args)
     try:
         if on_gpu:
             timed("anndata_to_GPU", lambda: gpusc.get.anndata_to_GPU(adata))
@@ -456,6 +532,7 @@ def _run(args, compiles) -> dict:
             timed("anndata_to_CPU", lambda: gpusc.get.anndata_to_CPU(adata))
     finally:
         gpusc.settings.device = settings_before
+        dask_client.close()
 
     print(_table(rows))
     for r in rows:

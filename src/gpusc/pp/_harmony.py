@@ -182,10 +182,15 @@ def harmony_integrate(
     threads = numba.get_num_threads()
     if ncores:
         numba.set_num_threads(min(int(ncores), numba.config.NUMBA_NUM_THREADS))
+    from threadpoolctl import threadpool_limits
+
     try:
-        result = harmonize(z, codes, [len(lv) for lv in levels], n_clusters=n_clusters,
-                           random_state=0 if random_state is None else int(random_state),
-                           init_centroids=init, steps=steps, log=level, **params)
+        # BLAS on one thread: its products here are small, and OpenBLAS's threads spin between
+        # calls on the cores that numba's block kernels need (2 threads were slower than 1)
+        with threadpool_limits(1, user_api="blas"):
+            result = harmonize(z, codes, [len(lv) for lv in levels], n_clusters=n_clusters,
+                               random_state=0 if random_state is None else int(random_state),
+                               init_centroids=init, steps=steps, log=level, **params)
     finally:
         numba.set_num_threads(threads)
 

@@ -200,23 +200,18 @@ def _scaled_values(indptr, indices, data, scale):
 
 def _eigen_host(c: sparse.csr_matrix, scale: np.ndarray, k: int, v0: np.ndarray):
     from scipy.sparse.linalg import eigsh
-    from threadpoolctl import threadpool_limits
 
     # scanpy's call: k, which="LM", ncv=None (ARPACK's 2k + 1, at least 20), tol=0, v0. ARPACK
     # is the floor: at 50k cells (1.2M edges) it asks for 282 products (scanpy's float32-rounded
     # matrix: 260), 1.2-1.4 ms each (scipy's CSR product; a numba one took 2.2 ms on one
-    # thread, and its OpenMP threads contend with OpenBLAS's inside ARPACK: 2.6 s against
-    # 0.85 s on 2 cores), and ARPACK's own reorthogonalisation and restarts (BLAS-2 over the
-    # n x 31 Lanczos basis) take 0.62 CPU s of the 1.1 on one thread: even free products would
-    # leave scanpy's time over ours below 1.8x. Those BLAS-2 calls are too small for OpenBLAS's
-    # threads: with two, a call burns 4x the CPU time (5.0 against 1.2 CPU s), and on shared
-    # cores (load 22-35 on 2 cores) scanpy's call took 6-18 s and ours 8-13 s with them against
-    # 1.7-1.9 s without; hence one.
+    # thread), and ARPACK's own reorthogonalisation and restarts (BLAS-2 over the n x 31
+    # Lanczos basis) take 0.62 CPU s of the 1.1 on one thread: even free products would leave
+    # scanpy's time over ours below 1.8x. BLAS keeps its threads: on one thread (less CPU time,
+    # better on shared cores) the quiet machine measured 1.24 s against scanpy's 1.00 s.
     # A looser tol misses eigenvalues of a disconnected graph (eigenvalue 1, once per
     # component); deflating those known eigenvectors (z on each component) saved 8% of
     # ARPACK's work, not worth a basis of eigenvalue 1 different from scanpy's.
-    with threadpool_limits(1, user_api="blas"):
-        return eigsh(transition_matrix(c, scale), k=k, which="LM", ncv=None, v0=v0)
+    return eigsh(transition_matrix(c, scale), k=k, which="LM", ncv=None, v0=v0)
 
 
 def _eigen_device(c: sparse.csr_matrix, scale: np.ndarray, k: int, v0: np.ndarray):

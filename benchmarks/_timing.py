@@ -18,6 +18,24 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("GPUSC_DATA", ROOT / ".." / "shared" / "data")) / "pbmc3k_counts_labeled.h5ad"
 
 
+def feature_selection_data(n_cells: int):
+    """pbmc3k resampled to ``n_cells`` (obs "half": two batches), after scanpy's QC and
+    filter_genes: (counts, log1p-normalized copy, both on the 2,000 seurat_v3 genes)."""
+    import numpy as np
+    import scanpy as sc
+
+    counts = gpusc.datasets.resample(ad.read_h5ad(DATA), n_cells, groupby="seurat_cell_type", seed=0)
+    counts.obs["half"] = np.where(np.arange(counts.n_obs) % 2 == 0, "a", "b")
+    sc.pp.calculate_qc_metrics(counts, qc_vars=["mt"], inplace=True)
+    sc.pp.filter_genes(counts, min_cells=3)
+    logged = counts.copy()
+    sc.pp.normalize_total(logged)
+    sc.pp.log1p(logged)
+    sc.pp.highly_variable_genes(counts, flavor="seurat_v3", n_top_genes=2000)
+    top = counts.var["highly_variable"].to_numpy()
+    return counts, logged, counts[:, top].copy(), logged[:, top].copy()
+
+
 def parse_args(doc: str, name: str) -> tuple[argparse.Namespace, bool, Path]:
     """``(args, on_gpu, out)``; out defaults to benchmarks/results/{device}-dev-{name}-{cells}k.json."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

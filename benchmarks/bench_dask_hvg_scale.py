@@ -28,13 +28,12 @@ import warnings
 
 import anndata as ad
 import dask.array as da
-import numpy as np
 import scanpy as sc
 
 import gpusc
 from gpusc._bench import load_average
 
-from _timing import DATA, parse_args, save
+from _timing import feature_selection_data, parse_args, save
 
 N_CHUNKS = os.cpu_count() or 1
 
@@ -65,16 +64,7 @@ def main() -> None:
     args, _, out = parse_args(__doc__, "dask-hvg-scale")
     if args.device != "cpu":
         raise SystemExit("this benchmark runs on the CPU; the GPU twin waits for a device")
-    counts = gpusc.datasets.resample(ad.read_h5ad(DATA), args.cells, groupby="seurat_cell_type", seed=0)
-    counts.obs["half"] = np.where(np.arange(counts.n_obs) % 2 == 0, "a", "b")
-    sc.pp.calculate_qc_metrics(counts, qc_vars=["mt"], inplace=True)
-    sc.pp.filter_genes(counts, min_cells=3)
-    logged = counts.copy()
-    sc.pp.normalize_total(logged)
-    sc.pp.log1p(logged)
-    sc.pp.highly_variable_genes(counts, flavor="seurat_v3", n_top_genes=2000)
-    top = counts.var["highly_variable"].to_numpy()
-    top_counts, top_logged = counts[:, top].copy(), logged[:, top].copy()
+    counts, logged, top_counts, top_logged = feature_selection_data(args.cells)
 
     hvg = gpusc.pp.highly_variable_genes
     steps = {  # name: (data, call, scanpy's call on dask or None)

@@ -16,29 +16,18 @@ with a device synchronisation). Steps and their inputs:
 
 from __future__ import annotations
 
-import anndata as ad
-import numpy as np
 import scanpy as sc
 
 import gpusc
 from gpusc._bench import load_average
 
-from _timing import DATA, METHOD, parse_args, save, side_by_side
+from _timing import METHOD, feature_selection_data, parse_args, save, side_by_side
 
 
 def main() -> None:
     args, on_gpu, out = parse_args(__doc__, "feature-selection")
 
-    counts = gpusc.datasets.resample(ad.read_h5ad(DATA), args.cells, groupby="seurat_cell_type", seed=0)
-    counts.obs["half"] = np.where(np.arange(counts.n_obs) % 2 == 0, "a", "b")
-    sc.pp.calculate_qc_metrics(counts, qc_vars=["mt"], inplace=True)
-    sc.pp.filter_genes(counts, min_cells=3)
-    logged = counts.copy()
-    sc.pp.normalize_total(logged)
-    sc.pp.log1p(logged)
-    sc.pp.highly_variable_genes(counts, flavor="seurat_v3", n_top_genes=2000)
-    top_counts = counts[:, counts.var["highly_variable"]].copy()
-    top_logged = logged[:, counts.var["highly_variable"]].copy()
+    counts, logged, top_counts, top_logged = feature_selection_data(args.cells)
 
     steps = {
         "hvg_seurat_v3": (counts, lambda m: lambda a: m.highly_variable_genes(a, flavor="seurat_v3", n_top_genes=2000)),

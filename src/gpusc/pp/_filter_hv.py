@@ -14,8 +14,8 @@ def filter_highly_variable(adata: AnnData, *, copy: bool = False) -> AnnData | N
     ``adata._inplace_subset_var(adata.var['highly_variable'])`` (or
     ``adata[:, adata.var['highly_variable']].copy()`` with ``copy=True``), after
     :func:`gpusc.pp.highly_variable_genes` (or scanpy's). Matrices stay where they live.
-A dask X stays lazy: its genes are subset chunk by chunk (anndata's indexing of the dask
-array), nothing is computed.
+    A dask X stays lazy: its genes are subset chunk by chunk (anndata's indexing of the dask
+    array), nothing is computed.
 
     Parameters
     ----------

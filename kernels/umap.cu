@@ -18,19 +18,23 @@ __device__ __forceinline__ unsigned long long umap_mix64(unsigned long long z) {
     return z ^ (z >> 31);
 }
 
-// The negative sample is a hash of (seed, epoch, edge, sample): counter-based, no state.
-__device__ __forceinline__ long long umap_negative_vertex(unsigned long long seed, long long epoch,
-                                                          long long edge, long long sample,
+// The hash of (seed, epoch, edge) that an edge's negative samples of the epoch share.
+__device__ __forceinline__ unsigned long long umap_edge_hash(unsigned long long seed, long long epoch,
+                                                             long long edge) {
+    return umap_mix64(umap_mix64(umap_mix64(seed) ^ (unsigned long long)epoch) ^ (unsigned long long)edge);
+}
+
+// The negative sample is a hash of (edge hash, sample): counter-based, no state. The top 32
+// bits scaled to n (a multiply, not a division) while n < 2^32, else the hash modulo n.
+__device__ __forceinline__ long long umap_negative_vertex(unsigned long long edge_hash, long long sample,
                                                           long long n_vertices) {
-    unsigned long long h = umap_mix64(seed);
-    h = umap_mix64(h ^ (unsigned long long)epoch);
-    h = umap_mix64(h ^ (unsigned long long)edge);
-    h = umap_mix64(h ^ (unsigned long long)sample);
+    const unsigned long long h = umap_mix64(edge_hash ^ (unsigned long long)sample);
+    if (n_vertices < 4294967296ll) return (long long)(((h >> 32) * (unsigned long long)n_vertices) >> 32);
     return (long long)(h % (unsigned long long)n_vertices);
 }
 
-__device__ __forceinline__ double umap_clip(double v) {
-    return v > UMAP_CLIP ? UMAP_CLIP : (v < -UMAP_CLIP ? -UMAP_CLIP : v);
+__device__ __forceinline__ float umap_clip(float v) {
+    return v > (float)UMAP_CLIP ? (float)UMAP_CLIP : (v < -(float)UMAP_CLIP ? -(float)UMAP_CLIP : v);
 }
 
 __device__ __forceinline__ void umap_accumulate(long long* acc, long long at, double move) {
@@ -38,17 +42,18 @@ __device__ __forceinline__ void umap_accumulate(long long* acc, long long at, do
     atomicAdd(reinterpret_cast<unsigned long long*>(acc + at), (unsigned long long)q);
 }
 
-__device__ __forceinline__ double umap_rdist(const float* x, const float* y, int dim) {
-    double d2 = 0.0;
+__device__ __forceinline__ float umap_rdist(const float* x, const float* y, int dim) {
+    float d2 = 0.0f;
     for (int d = 0; d < dim; ++d) {
-        const double diff = (double)x[d] - (double)y[d];
+        const float diff = x[d] - y[d];
         d2 += diff * diff;
     }
     return d2;
 }
 
 // one thread per directed edge (head -> tail); an edge whose next sample is due this epoch
-// pulls head and tail together and pushes head away from its negative samples
+// pulls head and tail together and pushes head away from its negative samples. Distances and
+// coefficients are float32 (powf: the numba twin's choice, for its speed on the CPU).
 template <typename I>
 __global__ void umap_epoch(const float* __restrict__ embedding, long long* __restrict__ acc,
                            const I* __restrict__ head, const I* __restrict__ tail,
@@ -62,34 +67,34 @@ __global__ void umap_epoch(const float* __restrict__ embedding, long long* __res
     if (e >= n_edges) return;
     const double n = (double)epoch;
     if (next_sample[e] > n) return;
+    const float a32 = (float)a, b32 = (float)b;
+    const float attract = (float)(-2.0 * a * b), repulse = (float)(2.0 * gamma * b);
     const long long j = (long long)head[e];
     const long long k = (long long)tail[e];
     const float* current = embedding + j * dim;
     const float* other = embedding + k * dim;
 
-    double d2 = umap_rdist(current, other, dim);
-    double coeff = 0.0;
-    if (d2 > 0.0) {
-        coeff = -2.0 * a * b * pow(d2, b - 1.0);
-        coeff /= a * pow(d2, b) + 1.0;
-    }
+    float d2 = umap_rdist(current, other, dim);
+    float coeff = 0.0f;
+    if (d2 > 0.0f) coeff = attract * powf(d2, b32 - 1.0f) / (a32 * powf(d2, b32) + 1.0f);
     for (int d = 0; d < dim; ++d) {
-        const double g = umap_clip(coeff * ((double)current[d] - (double)other[d])) * alpha;
+        const double g = (double)umap_clip(coeff * (current[d] - other[d])) * alpha;
         umap_accumulate(acc, j * dim + d, g);
         umap_accumulate(acc, k * dim + d, -g);
     }
     next_sample[e] += epochs_per_sample[e];
 
     const long long n_neg = (long long)((n - next_negative[e]) / epochs_per_negative_sample[e]);
+    const unsigned long long edge_hash = umap_edge_hash(seed, epoch, e);
     for (long long p = 0; p < n_neg; ++p) {
-        const long long kk = umap_negative_vertex(seed, epoch, e, p, n_vertices);
+        const long long kk = umap_negative_vertex(edge_hash, p, n_vertices);
         if (kk == j) continue;
         other = embedding + kk * dim;
         d2 = umap_rdist(current, other, dim);
-        if (d2 <= 0.0) continue;  // a coincident point: umap-learn's move is 0 too
-        coeff = 2.0 * gamma * b / ((0.001 + d2) * (a * pow(d2, b) + 1.0));
+        if (d2 <= 0.0f) continue;  // a coincident point: umap-learn's move is 0 too
+        coeff = repulse / ((0.001f + d2) * (a32 * powf(d2, b32) + 1.0f));
         for (int d = 0; d < dim; ++d) {
-            const double g = umap_clip(coeff * ((double)current[d] - (double)other[d])) * alpha;
+            const double g = (double)umap_clip(coeff * (current[d] - other[d])) * alpha;
             umap_accumulate(acc, j * dim + d, g);
         }
     }

@@ -19,6 +19,11 @@ Two differences, both for reproducibility:
   different libraries, so they agree closely but not bit for bit.
 * Negative samples come from a counter-based hash of (seed, epoch, edge, sample), not
   from a per-vertex Tausworthe state; the CPU twin draws the very same vertices.
+
+And one for speed: distances and the attraction and repulsion coefficients are float32
+(umap-learn takes a float32 distance to a float64 ``pow``). ``pow`` is most of a sample's
+cost and float32's is twice as fast on the CPU; the layout's quality against umap-learn's
+is tested (tests/test_tl_umap.py).
 """
 
 from __future__ import annotations
@@ -39,11 +44,13 @@ NAME_EXPRESSIONS = (
 )
 FIXED_SCALE = 4294967296.0  # kernels/umap.cu's UMAP_FIXED_SCALE
 CLIP = 4.0
+_CLIP32 = np.float32(CLIP)
 BLOCK = 256
 
 _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xBF58476D1CE4E5B9)
 _M3 = np.uint64(0x94D049BB133111EB)
+_TWO_32 = 2**32
 
 
 # ---------------------------------------------------------------- the layout graph (host)
@@ -158,17 +165,33 @@ def _mix64(z):
 
 
 @numba.njit(cache=True, inline="always")
-def _negative_vertex(seed, epoch, edge, sample, n_vertices):
-    h = _mix64(seed)
-    h = _mix64(h ^ np.uint64(epoch))
-    h = _mix64(h ^ np.uint64(edge))
-    h = _mix64(h ^ np.uint64(sample))
+def _edge_hash(seed, epoch, edge):
+    """The hash of (seed, epoch, edge) that an edge's negative samples of the epoch share."""
+    return _mix64(_mix64(_mix64(seed) ^ np.uint64(epoch)) ^ np.uint64(edge))
+
+
+@numba.njit(cache=True, inline="always")
+def _negative_vertex(edge_hash, sample, n_vertices):
+    """A vertex in [0, n): the top 32 bits of the hash scaled to n (a multiply, not a
+    division) while n < 2^32, else the hash modulo n."""
+    h = _mix64(edge_hash ^ np.uint64(sample))
+    if n_vertices < _TWO_32:
+        return np.int64(((h >> np.uint64(32)) * np.uint64(n_vertices)) >> np.uint64(32))
     return np.int64(h % np.uint64(n_vertices))
 
 
 @numba.njit(cache=True, inline="always")
 def _clip(v):
-    return CLIP if v > CLIP else (-CLIP if v < -CLIP else v)
+    return _CLIP32 if v > _CLIP32 else (-_CLIP32 if v < -_CLIP32 else v)
+
+
+@numba.njit(cache=True, inline="always")
+def _rdist(emb, j, k):
+    d2 = np.float32(0.0)
+    for d in range(emb.shape[1]):
+        diff = emb[j, d] - emb[k, d]
+        d2 += diff * diff
+    return d2
 
 
 @numba.njit(cache=True, inline="always")
@@ -213,38 +236,36 @@ def _epoch_edges(emb, head, tail, eps, eps_neg, next_sample, next_negative, acc,
                  epoch, n, alpha, a, b, gamma, seed):
     """One epoch's moves of the edges first..stop-1, added to ``acc`` (emb is only read)."""
     n_vertices, dim = emb.shape
+    a32, b32 = np.float32(a), np.float32(b)
+    attract = np.float32(-2.0 * a * b)
+    repulse = np.float32(2.0 * gamma * b)
+    one = np.float32(1.0)
     for e in range(first, stop):
         if next_sample[e] > n:
             continue
         j = np.int64(head[e])
         k = np.int64(tail[e])
-        d2 = 0.0
-        for d in range(dim):
-            diff = np.float64(emb[j, d]) - np.float64(emb[k, d])
-            d2 += diff * diff
-        coeff = 0.0
+        d2 = _rdist(emb, j, k)
+        coeff = np.float32(0.0)
         if d2 > 0.0:
-            coeff = -2.0 * a * b * d2 ** (b - 1.0)
-            coeff /= a * d2 ** b + 1.0
+            coeff = attract * d2 ** (b32 - one) / (a32 * d2 ** b32 + one)
         for d in range(dim):
-            g = _clip(coeff * (np.float64(emb[j, d]) - np.float64(emb[k, d]))) * alpha
+            g = np.float64(_clip(coeff * (emb[j, d] - emb[k, d]))) * alpha
             acc[j, d] += _fixed(g)
             acc[k, d] += _fixed(-g)
         next_sample[e] += eps[e]
         n_neg = np.int64((n - next_negative[e]) / eps_neg[e])
+        edge_hash = _edge_hash(seed, epoch, e)
         for p in range(n_neg):
-            kk = _negative_vertex(seed, epoch, e, p, n_vertices)
+            kk = _negative_vertex(edge_hash, p, n_vertices)
             if kk == j:
                 continue
-            d2 = 0.0
-            for d in range(dim):
-                diff = np.float64(emb[j, d]) - np.float64(emb[kk, d])
-                d2 += diff * diff
+            d2 = _rdist(emb, j, kk)
             if d2 <= 0.0:
                 continue
-            coeff = 2.0 * gamma * b / ((0.001 + d2) * (a * d2 ** b + 1.0))
+            coeff = repulse / ((np.float32(0.001) + d2) * (a32 * d2 ** b32 + one))
             for d in range(dim):
-                g = _clip(coeff * (np.float64(emb[j, d]) - np.float64(emb[kk, d]))) * alpha
+                g = np.float64(_clip(coeff * (emb[j, d] - emb[kk, d]))) * alpha
                 acc[j, d] += _fixed(g)
         next_negative[e] += np.float64(n_neg) * eps_neg[e]
 

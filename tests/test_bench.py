@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 
 import anndata as ad
 import numpy as np
@@ -212,3 +214,21 @@ def test_measuring_helpers_off_the_gpu():
     assert dev.peak is None
     assert rss.peak >= rss.start > 0
     assert _bench.rapids_singlecell_status()[1]  # a version, or "not installed"
+
+
+@pytest.mark.parametrize("way", ["kernel mark", "sampling thread"])
+def test_peak_rss_sees_a_freed_allocation(way, monkeypatch, tmp_path):
+    if way == "sampling thread":
+        pytest.importorskip("psutil")
+        monkeypatch.setattr(_bench.PeakRSS, "CLEAR_REFS", tmp_path / "missing" / "clear_refs")
+    elif not _bench.PeakRSS()._kernel_mark:
+        if sys.platform == "linux":
+            pytest.fail("Linux offers /proc/self/clear_refs (since 4.0): the kernel mark should work here")
+        pytest.skip("no /proc/self/clear_refs off Linux: the sampling thread is the way there")
+    big = np.ones(10**6)  # a peak before the block: not counted
+    del big
+    with _bench.PeakRSS() as rss:
+        block = np.ones(40 * 2**20 // 8)  # 40 MiB, touched
+        time.sleep(0.05)  # the sampling thread's turn
+        del block
+    assert rss.peak - rss.start >= 35 * 2**20

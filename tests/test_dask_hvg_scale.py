@@ -23,7 +23,7 @@ from scipy import sparse
 
 import gpusc
 from _dask import as_dask, count_computes, da
-from conftest import read_real, tolerance
+from conftest import read_real, skip_unless_scanpy_112, tolerance
 
 # (id, container, chunk kind, index dtype, value dtype)
 CASES = [
@@ -40,6 +40,13 @@ FLAVORS = ("seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper", "pearson_res
 PASSES = {"seurat": 1, "cell_ranger": 1, "seurat_v3": 2, "seurat_v3_paper": 2,
           "pearson_residuals": 2, "poisson_gene_selection": 1}
 N_TOP = 60
+# scanpy 1.11's dask mean and variance of float32 CSR chunks (_get_mean_var: E[x*x] - E[x]^2,
+# the square taken in float32 by elem_mul) are float32-accurate: measured relative errors 3e-7
+# (mean) and 2e-6 (variance) against float64, 2e-8 for its in-memory variance
+F32_CSR_111 = ("on a dask X of float32 CSR chunks its mean and variance are float32-accurate, "
+               "not float64 (it squares the chunks in float32)")
+SEURAT_V3_111 = ("seurat_v3 clips a dask X with np.putmask, which dask does not implement: CSR chunks "
+                 "raise 'putmask: first argument must be an array', dense chunks stay unclipped")
 
 
 def _quiet(func, *args, **kwargs):
@@ -138,8 +145,11 @@ def test_hvg_equals_in_memory(counts, lognorm, flavor, batch_key, case):
 
 @pytest.mark.parametrize("case", SCANPY_CASES, ids=[c[0] for c in SCANPY_CASES])
 @pytest.mark.parametrize("batch_key", [None, "batch"])
-@pytest.mark.parametrize("flavor", ["seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper"])
+@pytest.mark.parametrize("flavor", ["seurat", "cell_ranger", *(
+    pytest.param(f, marks=pytest.mark.scanpy_112(SEURAT_V3_111)) for f in ("seurat_v3", "seurat_v3_paper"))])
 def test_hvg_matches_scanpy_on_dask(counts, lognorm, flavor, batch_key, case):
+    if flavor == "cell_ranger" and case[4] is np.float32:
+        skip_unless_scanpy_112(F32_CSR_111 + ": dispersions_norm off by up to rtol 6.4e-4")
     _, ours = _pair(_hvg_input(flavor, counts, lognorm), case, counts[1])
     theirs = ours.copy()
     kwargs = {"flavor": flavor, "batch_key": batch_key, "n_top_genes": N_TOP}
@@ -224,6 +234,12 @@ def test_scale(lognorm, case, zero_center, max_value, mask):
     np.testing.assert_allclose(_dense(got), _dense(mem.X), **tol)
     pd.testing.assert_frame_equal(lazy.var, mem.var, rtol=1e-12)
     # scanpy 1.12 scales dask too
+    if case[1] is sparse.csr_array:
+        skip_unless_scanpy_112("scale's dask mean calls np.sum(keepdims=...) on csr_array chunks: "
+                               "'TypeError: _cs_matrix.sum() got an unexpected keyword argument 'keepdims''")
+    if case[1] is sparse.csr_matrix and case[4] is np.float32 and mask is not None:
+        # without a mask its std is off by rtol 7.5e-6: within DESIGN's float32 tolerance (1e-5)
+        skip_unless_scanpy_112(F32_CSR_111 + ": std off by rtol 1.2e-5 on the masked cells")
     _quiet(sc.pp.scale, theirs, **kwargs)
     np.testing.assert_allclose(_dense(got), _dense(theirs.X), **tol)
     for key in theirs.var.columns:

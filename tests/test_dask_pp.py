@@ -18,7 +18,7 @@ from scipy import sparse
 import gpusc as rsc
 from _compare import assert_frame_like_scanpy, dense, quiet
 from _dask import as_dask, count_computes, da
-from conftest import synthetic_counts, tolerance
+from conftest import skip_unless_scanpy_112, synthetic_counts, tolerance
 
 N_OBS, N_VARS = 70, 60
 PERCENT_TOP = (5, 20)
@@ -86,19 +86,25 @@ def test_qc_metrics_one_computation_same_as_in_memory_and_scanpy(case):
     with count_computes() as c:
         rsc.pp.calculate_qc_metrics(lazy, **kwargs)
     assert c.computes == 1  # every chunk's partials in one dask computation
+    for frame in ("obs", "var"):
+        assert_frame_like_scanpy(getattr(lazy, frame), getattr(memory, frame), dtype)
+    if case[0] == "csr_array":
+        skip_unless_scanpy_112("calculate_qc_metrics takes no csr_array (axis_nnz dispatches on "
+                               "spmatrix only): 'ValueError: setting an array element with a sequence'")
     with quiet():
         sc.pp.calculate_qc_metrics(sc_memory, **kwargs)
     for frame in ("obs", "var"):
-        got = getattr(lazy, frame)
-        assert_frame_like_scanpy(got, getattr(memory, frame), dtype)
-        assert_frame_like_scanpy(got, getattr(sc_memory, frame), dtype)
+        assert_frame_like_scanpy(getattr(lazy, frame), getattr(sc_memory, frame), dtype)
     if case[:2] == ("dense", "empty"):
         return  # scanpy 1.12 raises here: "Cannot apply_along_axis when any iteration dimensions are 0"
     with quiet():
         sc.pp.calculate_qc_metrics(sc_lazy, **kwargs)
     for frame in ("obs", "var"):
+        assert_frame_like_scanpy(getattr(lazy, frame), getattr(sc_lazy, frame), dtype)
+    if dtype is np.float32:
+        skip_unless_scanpy_112("var mean_counts and log1p_mean_counts of a float32 X are float64, not float32")
+    for frame in ("obs", "var"):
         got, expected = getattr(lazy, frame), getattr(sc_lazy, frame)
-        assert_frame_like_scanpy(got, expected, dtype)
         assert (got.dtypes == expected[got.columns].dtypes).all(), (got.dtypes, expected.dtypes)
 
 
@@ -186,16 +192,21 @@ def test_normalize_total_passes_same_as_in_memory_and_scanpy(case, kwargs, n_com
         rsc.pp.normalize_total(memory, **kwargs)
         with count_computes() as c:
             rsc.pp.normalize_total(lazy, **kwargs)
-        sc.pp.normalize_total(sc_lazy, **kwargs)
     assert c.computes == n_computes
     assert isinstance(lazy.X, da.Array) and lazy.X.chunks == sc_lazy.X.chunks
     assert type(lazy.X._meta) is type(memory.X) and lazy.X.dtype == dtype
     result = lazy.X.compute()
     assert type(result) is type(memory.X)
     np.testing.assert_array_equal(dense(result), dense(memory.X))  # the same kernels, chunk by chunk
-    assert_close(result, sc_lazy.X, dtype)
     if "key_added" in kwargs:
         np.testing.assert_array_equal(lazy.obs["norm"], memory.obs["norm"])
+    if case[0] == "csr_array":
+        skip_unless_scanpy_112("normalize_total's dask axis_sum calls np.sum(keepdims=...) on csr_array chunks: "
+                               "'TypeError: _cs_matrix.sum() got an unexpected keyword argument 'keepdims''")
+    with quiet():
+        sc.pp.normalize_total(sc_lazy, **kwargs)
+    assert_close(result, sc_lazy.X, dtype)
+    if "key_added" in kwargs:
         assert lazy.obs["norm"].dtype == sc_lazy.obs["norm"].dtype
         assert_close(lazy.obs["norm"].to_numpy(), sc_lazy.obs["norm"].to_numpy(), dtype)
 

@@ -180,6 +180,31 @@ def test_warm_run_loads_numba_cache(two_runs):
     assert warm["report"]["numba"]["compile_seconds"] == 0
     assert warm["cache"] == cold["cache"]  # nothing new written, nothing rewritten
     assert all(r["numba_compile_seconds"] == 0 for r in warm["report"]["steps"] if r["status"] == "ran")
+    # the cold run compiled the later steps' kernels in a second process too; the warm one did not need it
+    assert cold["report"]["numba"]["compiled_ahead"]["started"]
+    assert cold["report"]["numba"]["compiled_ahead"]["returncode"] == 0, cold["report"]["numba"]["compiled_ahead"]
+    assert warm["report"]["numba"]["compiled_ahead"] == {"started": False}
+
+
+def test_compile_ahead_caches_the_later_steps_kernels(tmp_path):
+    """The second process's made-up cells give the later steps the dtypes of a real run: after it,
+    a run on an otherwise empty cache compiles the first steps' kernels but none from scale on."""
+    from gpusc.__main__ import STEPS
+    from gpusc._compile_ahead import FIRST_STEP
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    done = subprocess.run([sys.executable, "-m", "gpusc._compile_ahead"], capture_output=True, text=True,
+                          env={**os.environ, "NUMBA_CACHE_DIR": str(cache)}, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _run_cli(["--n-obs", "2000", "--out", str(tmp_path / "out"), "--device", "cpu"], cache)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["numba"]["compiled_ahead"] == {"started": False}  # the cache was warm for them
+    compiled = {r["step"]: r["numba_compile_seconds"] for r in report["steps"] if r["status"] == "ran"}
+    later = [s.name for s in STEPS][[s.name for s in STEPS].index(FIRST_STEP):]
+    assert set(later) <= set(compiled)
+    assert {step: compiled[step] for step in later} == dict.fromkeys(later, 0)
+    assert compiled["calculate_qc_metrics"] > 0  # the steps before: still compiled by the run
 
 
 def test_run_report_on_real_input(two_runs, source):

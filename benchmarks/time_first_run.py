@@ -69,6 +69,7 @@ def main() -> int:
                          "write_seconds": report["write_seconds"], "report_seconds": report["report_seconds"],
                          "numba_compile_seconds": report["numba"]["compile_seconds"],
                          "numba_functions_compiled": report["numba"]["functions_compiled"],
+                         "compiled_ahead": report["numba"].get("compiled_ahead"),
                          "steps": {r["step"]: r["seconds"] for r in report["steps"]},
                          "warnings": [w for r in report["steps"] for w in r["warnings"]],
                          "loadavg_before": load_before, "loadavg_after": os.getloadavg(),

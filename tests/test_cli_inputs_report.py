@@ -22,6 +22,7 @@ from conftest import read_real
 from scipy import io as spio
 from scipy import sparse
 
+import gpusc as rsc
 from gpusc import _report
 from gpusc.__main__ import main, read_counts
 
@@ -205,6 +206,23 @@ def test_compile_ahead_caches_the_later_steps_kernels(tmp_path):
     assert set(later) <= set(compiled)
     assert {step: compiled[step] for step in later} == dict.fromkeys(later, 0)
     assert compiled["calculate_qc_metrics"] > 0  # the steps before: still compiled by the run
+
+
+def test_made_up_cells_give_one_connected_graph_and_clusters():
+    """One connected graph: umap's spectral start stays gpusc's (not umap-learn's per-component
+    layout, whose kernels the run never uses); two or more clusters: rank_genes_groups runs."""
+    from scipy.sparse.csgraph import connected_components
+
+    from gpusc._compile_ahead import made_up_cells
+
+    adata = made_up_cells()
+    assert adata.X.dtype == np.float32 and adata.X.indices.dtype == np.int32 and adata.raw is not None
+    rsc.pp.scale(adata, max_value=10)
+    rsc.pp.pca(adata)
+    rsc.pp.neighbors(adata)
+    rsc.tl.leiden(adata, flavor="igraph", n_iterations=2, directed=False)
+    assert connected_components(adata.obsp["connectivities"])[0] == 1
+    assert adata.obs["leiden"].nunique() >= 2
 
 
 def test_run_report_on_real_input(two_runs, source):

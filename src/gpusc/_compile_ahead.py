@@ -68,19 +68,22 @@ class Ahead:
         self.finish(timeout=0.0 if exc_type is not None else 120.0)
 
 
-def made_up_cells(n_per_group: int = 150, n_vars: int = 120, seed: int = 0):
-    """Three groups of cells with their own marker genes, log-normalised, as float32 CSR (int32
-    indices) in X and raw: what the run's later steps receive, small enough to take no time."""
+def made_up_cells(n_obs: int = 450, n_vars: int = 120, seed: int = 0):
+    """Cells along a continuum (each gene peaks at its own place on it), log-normalised, as
+    float32 CSR (int32 indices) in X and raw: what the run's later steps receive, small enough to
+    take no time. A continuum, not separate groups: its neighbourhood graph is connected, so
+    umap's spectral start is gpusc's own (a disconnected graph would take umap-learn's per-component
+    layout and compile umap-learn's kernels, which the run does not use); Leiden still cuts it
+    into several clusters for rank_genes_groups."""
     import anndata as ad
     import numpy as np
     from scipy import sparse
 
     rng = np.random.default_rng(seed)
-    groups = np.repeat(np.arange(3), n_per_group)
-    rates = np.full((3, n_vars), 0.5)
-    for g in range(3):
-        rates[g, g * 20:(g + 1) * 20] = 6.0
-    counts = rng.poisson(rates[groups]).astype(np.float32)
+    place = np.sort(rng.uniform(0, 1, n_obs))
+    peak = np.linspace(0, 1, n_vars)
+    rates = 0.3 + 6.0 * np.exp(-(((place[:, None] - peak[None, :]) / 0.15) ** 2))
+    counts = rng.poisson(rates).astype(np.float32)
     x = sparse.csr_matrix(np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4), dtype=np.float32)
     adata = ad.AnnData(x)
     adata.raw = adata

@@ -161,6 +161,31 @@ def test_filter_highly_variable(array_type):
     np.testing.assert_array_equal(dense(adata.X), x[:, hv])
 
 
+def test_filter_highly_variable_keeps_raw_as_anndata_does(array_type):
+    """raw (every gene) is what anndata's own in-place subset leaves, without copying its arrays."""
+    x = synthetic_counts(30, 20, empty_cols=(5,))
+    adata = ad.AnnData(array_type(x))
+    adata.var["highly_variable"] = np.arange(20) % 3 == 0
+    adata.var["gene_score"] = np.arange(20.0)
+    adata.varm["loadings"] = np.arange(40.0).reshape(20, 2)
+    adata.obsm["X_pca"] = np.ones((30, 2))
+    adata.raw = adata
+    expected = adata.copy()
+    expected._inplace_subset_var(np.flatnonzero(expected.var["highly_variable"]))
+    before = adata.raw.X
+    gpusc.pp.filter_highly_variable(adata)
+    assert adata.raw.X is before  # set aside, not copied
+    assert adata.raw.shape == expected.raw.shape == (30, 20)
+    np.testing.assert_array_equal(dense(adata.raw.X), dense(expected.raw.X))
+    assert adata.raw.var.equals(expected.raw.var)
+    np.testing.assert_array_equal(adata.raw.varm["loadings"], expected.raw.varm["loadings"])
+    assert list(adata.var_names) == list(expected.var_names)
+    np.testing.assert_array_equal(dense(adata.X), dense(expected.X))
+    np.testing.assert_array_equal(adata.varm["loadings"], expected.varm["loadings"])
+    np.testing.assert_array_equal(adata.obsm["X_pca"], expected.obsm["X_pca"])
+    assert adata.raw.to_adata().var_names.equals(expected.raw.to_adata().var_names)
+
+
 def test_filter_highly_variable_needs_the_column():
     adata = ad.AnnData(synthetic_counts(20, 5, empty_cols=(1,)))
     with pytest.raises(KeyError, match="highly_variable"):

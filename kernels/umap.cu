@@ -76,7 +76,10 @@ __global__ void umap_epoch(const float* __restrict__ embedding, long long* __res
 
     float d2 = umap_rdist(current, other, dim);
     float coeff = 0.0f;
-    if (d2 > 0.0f) coeff = attract * powf(d2, b32 - 1.0f) / (a32 * powf(d2, b32) + 1.0f);
+    if (d2 > 0.0f) {
+        const float power = powf(d2, b32 - 1.0f);  // d2^(b-1); d2^b is one product more, not a second powf
+        coeff = attract * power / (a32 * (power * d2) + 1.0f);
+    }
     for (int d = 0; d < dim; ++d) {
         const double g = (double)umap_clip(coeff * (current[d] - other[d])) * alpha;
         umap_accumulate(acc, j * dim + d, g);

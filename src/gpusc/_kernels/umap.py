@@ -248,7 +248,8 @@ def _epoch_edges(emb, head, tail, eps, eps_neg, next_sample, next_negative, acc,
         d2 = _rdist(emb, j, k)
         coeff = np.float32(0.0)
         if d2 > 0.0:
-            coeff = attract * d2 ** (b32 - one) / (a32 * d2 ** b32 + one)
+            power = d2 ** (b32 - one)  # d2^(b-1); d2^b is one product more, not a second pow
+            coeff = attract * power / (a32 * (power * d2) + one)
         for d in range(dim):
             g = np.float64(_clip(coeff * (emb[j, d] - emb[k, d]))) * alpha
             acc[j, d] += _fixed(g)

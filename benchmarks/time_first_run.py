@@ -47,8 +47,10 @@ def main() -> int:
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="gpusc-numba-cache-") as cache, \
+            tempfile.TemporaryDirectory(prefix="gpusc-data-cache-") as data_cache, \
             tempfile.TemporaryDirectory(prefix="gpusc-first-run-") as work:
-        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        # both caches start empty: numba's kernels and gpusc run's drawn synthetic cells
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache, "GPUSC_CACHE_DIR": data_cache}
         for i in range(args.runs):
             out = Path(work) / f"run{i}"
             load_before = os.getloadavg()
@@ -80,6 +82,8 @@ def main() -> int:
               "machine": report["machine"], "versions": report["versions"], "platform": report["platform"],
               "install": "pip install '.[bench]' into a new venv (not timed)",
               "numba_cache": "NUMBA_CACHE_DIR = a new empty folder",
+              "data_cache": "GPUSC_CACHE_DIR = a new empty folder (the first run draws the synthetic cells and "
+                            "keeps them there, the next reads them)",
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}")

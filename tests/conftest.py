@@ -50,6 +50,12 @@ def pytest_configure(config):
     # On a GPU runner (make test-gpu) a broken CUDA install must fail the run, not skip it.
     if os.environ.get("GPUSC_REQUIRE_GPU") == "1" and not HAS_GPU:
         raise pytest.UsageError(f"GPUSC_REQUIRE_GPU=1 but no CUDA device is usable: {GPU_STATUS}")
+    # gpusc run keeps the synthetic cells it draws in a cache folder: the tests' own, not the user's
+    # (in-process runs and `python -m gpusc` subprocesses both read the environment)
+    if "GPUSC_CACHE_DIR" not in os.environ:
+        import tempfile
+
+        os.environ["GPUSC_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpusc-test-cache-")
 
 
 def pytest_report_header(config):

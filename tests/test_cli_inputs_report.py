@@ -208,6 +208,30 @@ def test_compile_ahead_caches_the_later_steps_kernels(tmp_path):
     assert compiled["calculate_qc_metrics"] > 0  # the steps before: still compiled by the run
 
 
+def test_synthetic_cells_drawn_once_then_read_back(tmp_path, monkeypatch):
+    """gpusc run's default input: the cached file holds the very cells gpusc.datasets.synthetic draws."""
+    from gpusc.__main__ import _synthetic
+
+    monkeypatch.setenv("GPUSC_CACHE_DIR", str(tmp_path))
+    drawn = _synthetic(500, seed=3)
+    (cached,) = tmp_path.glob("synthetic-500x5000-seed3-*.h5ad")
+    read = _synthetic(500, seed=3)
+    expected = rsc.datasets.synthetic(n_obs=500, n_vars=5000, seed=3)
+    assert drawn.obs.equals(read.obs) and drawn.var.equals(read.var)  # the first run starts as the next
+    for got in (drawn, read):
+        assert got.X.dtype == expected.X.dtype and got.X.indices.dtype == expected.X.indices.dtype
+        assert (got.X != expected.X).nnz == 0
+        for frame in ("obs", "var"):  # the same values (anndata writes strings as categories)
+            got_frame, expected_frame = getattr(got, frame), getattr(expected, frame)
+            assert got_frame.index.equals(expected_frame.index)
+            for column in expected_frame:
+                np.testing.assert_array_equal(got_frame[column].to_numpy(), expected_frame[column].to_numpy())
+    assert list(tmp_path.iterdir()) == [cached]  # no partial file left
+    cached.write_bytes(b"not an h5ad file")  # damaged: drawn again, and the file replaced
+    assert (_synthetic(500, seed=3).X != expected.X).nnz == 0
+    assert cached.stat().st_size > 100
+
+
 def test_made_up_cells_give_one_connected_graph_and_clusters():
     """One connected graph: umap's spectral start stays gpusc's (not umap-learn's per-component
     layout, whose kernels the run never uses); two or more clusters: rank_genes_groups runs."""

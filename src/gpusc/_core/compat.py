@@ -25,6 +25,18 @@ _LEGACY_DIR = str(Path(legacy_api_wrap.__file__).resolve().parent)
 VIEW_WARNING = "Received a view of an AnnData. Making a copy."
 
 
+def check_random_state(seed) -> np.random.RandomState:
+    """scikit-learn's ``check_random_state`` (scanpy's seeds: None, an int, a RandomState), with
+    its error, without importing scikit-learn (about a second) for it."""
+    if seed is None or seed is np.random:
+        return np.random.mtrand._rand
+    if isinstance(seed, int | np.integer):
+        return np.random.RandomState(seed)
+    if isinstance(seed, np.random.RandomState):
+        return seed
+    raise ValueError(f"{seed!r} cannot be used to seed a numpy.random.RandomState instance")
+
+
 def warn(message: str, category: type[Warning]) -> None:
     """A warning attributed to the first frame outside gpusc (the caller's own line)."""
     skip = (_PACKAGE_DIR, _LEGACY_DIR)

@@ -28,9 +28,8 @@ import os
 
 import numba
 import numpy as np
-from scanpy import logging as logg
 
-from .._core import cuda
+from .._core import cuda, logg
 from . import prange_only
 
 METRICS = {"euclidean": 0, "sqeuclidean": 1, "cosine": 2, "manhattan": 3}

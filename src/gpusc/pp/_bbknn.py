@@ -23,10 +23,9 @@ from typing import Literal
 
 import numpy as np
 from anndata import AnnData
-from scanpy import logging as logg
 from scipy import sparse
 
-from .._core import cuda
+from .._core import cuda, logg
 from .._core.arrays import to_host
 from .._core.compat import old_positionals
 from .._kernels import connectivity as _conn

@@ -15,8 +15,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from scanpy import logging as logg
 
+from .._core import logg
 from .._core.adata import actualize_view
 from .._kernels import harmony as _harmony
 from .._settings import resolve_device

@@ -6,8 +6,8 @@ from functools import partial
 
 import numpy as np
 from anndata import AnnData
-from scanpy import logging as logg
 
+from .._core import logg
 from .._core.adata import (check_not_empty, device_oom_hint, ensure_float, get_matrix, nonfinite_error,
                            set_matrix)
 from .._core.arrays import is_csc, is_sparse, placement, to_host, xp_of

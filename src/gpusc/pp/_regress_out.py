@@ -15,8 +15,8 @@ import numba
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from scanpy import logging as logg
 
+from .._core import logg
 from .._core.adata import check_not_empty, get_matrix, nonfinite_error, set_matrix
 from .._core.arrays import is_csc, is_csr, is_sparse, placement, to_host, xp_of
 from .._core.compat import old_positionals, view_to_actual

@@ -6,8 +6,8 @@ from functools import singledispatch
 
 import numpy as np
 from anndata import AnnData
-from scanpy import logging as logg
 
+from .._core import logg
 from .._core.adata import check_not_empty, get_matrix, nonfinite_error, set_matrix
 from .._core.arrays import is_csc, is_sparse, placement, xp_of
 from .._core.compat import (array_only_arguments, backed_error, check_mask, is_backed_type, old_positionals,

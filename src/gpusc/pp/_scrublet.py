@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from scanpy import logging as logg
 from scipy import sparse
 
+from .._core import logg
 from .._core.adata import check_not_empty, get_matrix
 from .._core.arrays import is_sparse, placement, to_host, xp_of
 from .._core.compat import old_positionals, warn

@@ -7,8 +7,8 @@ from numbers import Number
 
 import numpy as np
 from anndata import AnnData
-from scanpy import logging as logg
 
+from .._core import logg
 from .._core.adata import device_oom_hint, get_matrix, nonfinite_error, set_matrix
 from .._core.arrays import canonical, is_sparse, placement, to_host, xp_of
 from .._core.compat import (array_only_arguments, is_backed_type, is_sparse_dataset, old_positionals,

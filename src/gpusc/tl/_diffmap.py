@@ -18,9 +18,9 @@ from typing import Any, Literal
 import numba
 import numpy as np
 from anndata import AnnData
-from scanpy import logging as logg
 from scipy import sparse
 
+from .._core import logg
 from .._core.adata import actualize_view
 from .._core.arrays import placement
 from .._settings import resolve_device

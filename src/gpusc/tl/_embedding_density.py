@@ -16,8 +16,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from scanpy import logging as logg
 
+from .._core import logg
 from .._core.adata import actualize_view
 from .._core.arrays import placement
 from .._kernels import density as _density

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 from fast_array_utils import types
-from scanpy import logging as logg
 
+from .._core import logg
 from .._core.adata import check_not_empty, nonfinite_error
 from .._core.arrays import placement, to_host
 from .._core.compat import backed_error, check_mask, is_backed_type, old_positionals

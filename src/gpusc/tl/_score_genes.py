@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from scanpy import logging as logg
 
+from .._core import logg
 from .._core.adata import device_oom_hint, get_matrix
 from .._core.arrays import is_sparse, placement, to_host, xp_of
 from .._core.dask import check_row_chunks, is_dask

@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 import numpy as np
 from anndata import AnnData
-from scanpy import logging as logg
 from scipy import sparse
 
+from .._core import logg
 from .._core.adata import actualize_view
 from .._kernels import topk as _topk
 from .._settings import resolve_device

@@ -11,6 +11,7 @@ from scipy import sparse
 
 from .._core.adata import actualize_view
 from .._core.arrays import placement
+from .._core.compat import check_random_state
 from .._kernels import umap as _umap
 from .._settings import resolve_device
 
@@ -144,8 +145,6 @@ def umap(
                           negative_sample_rate=negative_sample_rate, init_pos=init,
                           random_state=random_state, a=a, b=b, method="umap",
                           key_added=key_added, neighbors_key=neighbors_key, copy=copy)
-
-    from sklearn.utils import check_random_state
 
     if a is None or b is None:
         a, b = find_ab_params(spread, min_dist)

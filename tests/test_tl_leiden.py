@@ -1,14 +1,17 @@
 """tl.leiden / tl.louvain against scanpy 1.12 on pbmc3k (1,500 cells, scanpy's own graph).
 
-On the CPU gpusc runs scanpy's igraph/leidenalg path, so those results must equal
-scanpy's. The device path's own pieces (relabelling, restrict_to merging, modularity,
+On the CPU gpusc runs scanpy's leidenalg/louvain code, and its own copy of scanpy's
+igraph flavor (no scanpy import), so those results must equal scanpy's. The device path's own pieces (relabelling, restrict_to merging, modularity,
 several resolutions) are tested here by standing a CPU Leiden in for pylibcugraph; the
 real device path runs in the GPU-marked tests.
 """
 
 from __future__ import annotations
 
+import re
+import subprocess
 import sys
+import textwrap
 import types
 import warnings
 
@@ -74,8 +77,9 @@ def fake_device(monkeypatch):
 
 @pytest.mark.parametrize("flavor", ["igraph", None])
 def test_cpu_passes_everything_to_scanpy(pbmc, flavor):
-    """The one plumbing test: on the CPU leiden is scanpy's own code, so this only shows that
-    every argument reaches it (restrict_to too) and the keys come back where scanpy writes them."""
+    """Plumbing: every argument reaches the CPU path (scanpy's code for leidenalg, ours for
+    igraph: tested in depth below), restrict_to too, and the keys come back where scanpy
+    writes them."""
     kw = dict(resolution=0.7, random_state=3, key_added="clusters", use_weights=False)
     kw |= {"flavor": flavor, "n_iterations": 2} if flavor else {}
     ref, ours = pbmc.copy(), pbmc.copy()
@@ -152,6 +156,142 @@ def test_copy_leaves_input(pbmc):
     out = gpusc.tl.leiden(pbmc, flavor="igraph", n_iterations=2, device="cpu", copy=True)
     assert "leiden" in out.obs and "leiden" in out.uns
     assert_unchanged(pbmc, before)
+
+
+# ---------------------------------------------------------------- CPU igraph flavor = scanpy's
+# gpusc runs scanpy's flavor="igraph" itself (python-igraph, no scanpy import): the labels,
+# categories and uns must be exactly scanpy's.
+
+def assert_as_scanpy(ours, ref, key):
+    pd.testing.assert_series_equal(ours.obs[key], ref.obs[key])
+    # what scanpy writes (1.12: params and modularity, exactly; 1.11: params), and 1.12's keys
+    assert {k: ours.uns[key][k] for k in ref.uns[key]} == ref.uns[key]
+    assert set(ours.uns[key]) == {"params", "modularity"}
+    assert set(ours.obs) == set(ref.obs) and set(ours.uns) == set(ref.uns)
+
+
+def igraph_both(adata, **kw):
+    """(scanpy's, ours) leiden(flavor="igraph") on copies of adata, global NumPy seed reset
+    before each (random_state=None draws from it)."""
+    kw = {"flavor": "igraph", "n_iterations": 2} | kw
+    ref, ours = adata.copy(), adata.copy()
+    np.random.seed(11)
+    sc.tl.leiden(ref, **kw)
+    np.random.seed(11)
+    gpusc.tl.leiden(ours, device="cpu", **kw)
+    return ours, ref
+
+
+@pytest.mark.parametrize(("resolution", "random_state", "use_weights", "n_iterations"), [
+    (1, 0, True, 2),        # gpusc run's call
+    (0.3, 0, True, 2),
+    (2.5, 7, True, -1),
+    (1.0, 123, False, 2),
+    (0.6, None, False, 3),
+])
+def test_igraph_flavor_as_scanpy(pbmc, resolution, random_state, use_weights, n_iterations):
+    ours, ref = igraph_both(pbmc, resolution=resolution, random_state=random_state,
+                            use_weights=use_weights, n_iterations=n_iterations, directed=False)
+    assert_as_scanpy(ours, ref, "leiden")
+    assert ours.obs["leiden"].nunique() > 3
+
+
+def test_igraph_flavor_random_state_forms(pbmc):
+    """A RandomState is drawn from (and advanced) as scanpy does; None uses NumPy's global one."""
+    ref, ours = pbmc.copy(), pbmc.copy()
+    ref_rng, our_rng = np.random.RandomState(5), np.random.RandomState(5)
+    for r in (0.5, 1.5):
+        sc.tl.leiden(ref, resolution=r, random_state=ref_rng, flavor="igraph", n_iterations=2,
+                     key_added=f"l{r}")
+        gpusc.tl.leiden(ours, resolution=r, random_state=our_rng, flavor="igraph", n_iterations=2,
+                        key_added=f"l{r}", device="cpu")
+        pd.testing.assert_series_equal(ours.obs[f"l{r}"], ref.obs[f"l{r}"])
+    assert our_rng.randint(1 << 30) == ref_rng.randint(1 << 30)
+    np.random.seed(2)
+    gpusc.tl.leiden(ours, random_state=None, flavor="igraph", n_iterations=2, device="cpu")
+    after_ours = np.random.randint(1 << 30)
+    np.random.seed(2)
+    sc.tl.leiden(ref, random_state=None, flavor="igraph", n_iterations=2)
+    assert np.random.randint(1 << 30) == after_ours
+    assert_as_scanpy(ours, ref, "leiden")
+
+
+@pytest.mark.parametrize("restrict", [["0", "1"], ["3"], ["2", "0", "5"]])
+def test_igraph_flavor_restrict_to(pbmc, restrict):
+    base, _ = igraph_both(pbmc, resolution=1.0)
+    for key_added in ("leiden", "sub"):
+        ours, ref = igraph_both(base, resolution=0.8, random_state=4,
+                                restrict_to=("leiden", restrict), key_added=key_added)
+        assert_as_scanpy(ours, ref, "leiden_R" if key_added == "leiden" else "sub")
+
+
+@pytest.mark.parametrize("kw", [
+    {"objective_function": "CPM", "resolution": 0.05},
+    {"beta": 0.05, "resolution": 1.2, "random_state": 9},
+    {"resolution": None},  # igraph's default resolution (1)
+])
+def test_igraph_flavor_clustering_args(pbmc, kw):
+    ours, ref = igraph_both(pbmc, **kw)
+    assert_as_scanpy(ours, ref, "leiden")
+
+
+def test_igraph_flavor_odd_adjacency(pbmc):
+    """A user adjacency with duplicate entries, explicit zeros and unsorted indices: scanpy's
+    graph has one edge per non-zero entry, each duplicate weighted by the entries' sum."""
+    from scipy import sparse
+
+    graph = pbmc.obsp["connectivities"].tocoo()
+    rng = np.random.default_rng(3)
+    order = rng.permutation(graph.nnz)
+    dup = rng.choice(graph.nnz, 500, replace=False)
+    rows = np.concatenate([graph.row[order], graph.row[dup], graph.row[dup[:50]]])
+    cols = np.concatenate([graph.col[order], graph.col[dup], graph.col[dup[:50]]])
+    vals = np.concatenate([graph.data[order], graph.data[dup] * 0.5, np.zeros(50, np.float32)])
+    adjacency = sparse.csr_matrix((vals, (rows, cols)), shape=graph.shape)  # coo -> csr: sums
+    adjacency = sparse.csr_matrix((np.concatenate([adjacency.data, [0, 0.25]]),
+                                   np.concatenate([adjacency.indices, [5, 9]]),
+                                   np.concatenate([adjacency.indptr[:-1], [adjacency.nnz + 2]])),
+                                  shape=graph.shape)  # two more entries in the last row
+    assert not adjacency.has_canonical_format
+    ours, ref = igraph_both(pbmc, adjacency=adjacency, resolution=0.9)
+    assert_as_scanpy(ours, ref, "leiden")
+
+
+def test_igraph_flavor_errors_as_scanpy(pbmc):
+    before = snapshot(pbmc)
+    cases = [({"directed": True}, ValueError), ({"partition_type": object}, ValueError),
+             ({"random_state": "seed"}, ValueError)]
+    for kw, error in cases:
+        with pytest.raises(error) as ref_error:
+            sc.tl.leiden(pbmc.copy(), flavor="igraph", **kw)
+        with pytest.raises(error, match=re.escape(str(ref_error.value))):
+            gpusc.tl.leiden(pbmc, flavor="igraph", device="cpu", **kw)
+        assert_unchanged(pbmc, before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scanpy's igraph flavor warns nothing; neither do we
+        gpusc.tl.leiden(pbmc, flavor="igraph", n_iterations=2, device="cpu")
+
+
+def test_igraph_flavor_imports_no_scanpy():
+    """gpusc run's leiden on the CPU imports neither scanpy nor scikit-learn (~1 s of a run)."""
+    code = textwrap.dedent("""
+        import sys
+        import anndata as ad
+        import numpy as np
+        from scipy import sparse
+        import gpusc
+        rng = np.random.default_rng(0)
+        graph = sparse.random(300, 300, density=0.05, format="csr", random_state=rng)
+        adata = ad.AnnData(obs={"i": np.arange(300)})
+        adata.obsp["connectivities"] = (graph + graph.T).tocsr()
+        adata.uns["neighbors"] = {"connectivities_key": "connectivities"}
+        gpusc.tl.leiden(adata, resolution=1.0, flavor="igraph", n_iterations=2, directed=False,
+                        device="cpu")
+        assert adata.obs["leiden"].nunique() > 1
+        loaded = sorted(m for m in ("scanpy", "sklearn") if m in sys.modules)
+        assert not loaded, loaded
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 # ---------------------------------------------------------------- device path's own pieces

@@ -1,8 +1,10 @@
 """leiden and louvain, as scanpy's tools/_leiden.py and _louvain.py.
 
-On the GPU the graph goes to pylibcugraph (imported inside the functions); without a GPU
-scanpy's own igraph/leidenalg code runs with the same arguments. Both paths write the
-same keys, and both report the partition's modularity.
+On the GPU the graph goes to pylibcugraph (imported inside the functions). Without a GPU
+leiden's flavor="igraph" is scanpy's igraph flavor redone here on python-igraph (the same
+graph, arguments and random numbers, so the same labels; scanpy is not imported), and
+the other flavors and louvain run scanpy's own code with the same arguments. All paths
+write the same keys, and all report the partition's modularity.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from scipy import sparse
 
 from .._core.adata import actualize_view
 from .._core.arrays import placement
+from .._core.compat import check_random_state
 from .._settings import resolve_device
 
 # Rows per parallel work item of the host graph passes: fixed, so their float sums are added
@@ -56,9 +59,10 @@ def leiden(
     On the GPU (``device``, default ``gpusc.settings.device``) pylibcugraph's Leiden
     clusters the graph (treated as undirected: a non-symmetric adjacency is symmetrised
     as (A + Aᵀ)/2, self-loops are dropped; ``use_weights=False`` gives every edge weight 1).
-    Without a GPU, or without pylibcugraph (one warning), scanpy's own path runs with the
+    Without a GPU, or without pylibcugraph (one warning), scanpy's CPU path runs with the
     same arguments (``flavor``, ``partition_type``, ``**clustering_args`` apply there only;
-    on the GPU they raise).
+    on the GPU they raise): ``flavor="igraph"`` as gpusc's own copy of scanpy 1.12's igraph
+    flavor (identical labels and uns, no scanpy import), the other flavors in scanpy.
 
     ``resolution`` may be a list (a gpusc extra): one clustering per value, stored under
     ``f"{key_added}_{r}"`` (e.g. ``leiden_0.5``, ``leiden_1.0``) in obs and uns.
@@ -162,6 +166,9 @@ def _cluster(func, adata, resolution, *, restrict_to, random_state, key_added, a
             raise ImportError("louvain: flavor='vtraag' (the CPU default) needs the `louvain` "
                               "package; install it or pass flavor='igraph'") from exc
 
+    if where == "cpu" and func == "leiden" and flavor == "igraph":
+        _check_igraph_flavor(directed, partition_type, random_state)
+
     if copy:
         adata = adata.copy()
     actualize_view(adata)
@@ -187,9 +194,16 @@ def _cluster(func, adata, resolution, *, restrict_to, random_state, key_added, a
 
 def _run_scanpy(func, adata, graph, resolutions, keys, restrict_to, random_state, directed,
                 use_weights, n_iterations, partition_type, flavor, extra):
+    mask = None if restrict_to is None else _restrict_mask(adata, restrict_to, func)
+    if func == "leiden" and flavor == "igraph":
+        # scanpy's igraph flavor done here: importing scanpy (and sklearn) costs ~1 s
+        for r, key in zip(resolutions, keys, strict=True):
+            _leiden_igraph(adata, graph, mask, r, key, restrict_to, random_state, use_weights,
+                           n_iterations, extra)
+        return
+
     import scanpy as sc
 
-    mask = None if restrict_to is None else _restrict_mask(adata, restrict_to, func)
     for r, key in zip(resolutions, keys, strict=True):
         if func == "leiden":
             # flavor=None is scanpy 1.12's default; scanpy 1.11 (Python 3.11) rejects it
@@ -218,6 +232,92 @@ def _run_scanpy(func, adata, graph, resolutions, keys, restrict_to, random_state
             if mask is not None:
                 sub, labels = graph[mask][:, mask], labels[mask]
             adata.uns[key]["modularity"] = float(modularity(sub, labels, weighted=use_weights))
+
+
+# ---------------------------------------------------------------- scanpy's igraph flavor
+
+def _check_igraph_flavor(directed, partition_type, random_state):
+    """scanpy 1.12's errors for flavor="igraph", raised before the AnnData changes."""
+    if directed:
+        raise ValueError("Cannot use igraph’s leiden implementation with a directed graph.")
+    if partition_type is not None:
+        raise ValueError("Do not pass in partition_type argument when using igraph.")
+    try:
+        import igraph  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("Please install the igraph package: `conda install -c conda-forge "
+                          "python-igraph` or `pip install igraph`.") from exc
+    check_random_state(random_state)
+
+
+def _leiden_igraph(adata, graph, mask, resolution, key, restrict_to, random_state, use_weights,
+                   n_iterations, extra):
+    """One ``scanpy.tl.leiden(flavor="igraph")`` on ``graph`` (restricted to ``mask``):
+    the same igraph Graph, arguments and random numbers, so the same labels."""
+    import random
+
+    import igraph
+
+    sub = graph if mask is None else graph[mask, :][:, mask]  # as scanpy's restrict_adjacency
+    g = _igraph_from_csr(sub)
+    clustering_args = dict(extra)
+    clustering_args["n_iterations"] = n_iterations
+    if use_weights:
+        clustering_args["weights"] = "weight"
+    if resolution is not None:
+        clustering_args["resolution"] = resolution
+    clustering_args.setdefault("objective_function", "modularity")
+    igraph.set_random_number_generator(_IgraphRandom(random_state))
+    try:
+        part = g.community_leiden(**clustering_args)
+    finally:
+        igraph.set_random_number_generator(random)  # igraph's default, as scanpy leaves it
+    _store(adata, key, np.asarray(part.membership), mask, restrict_to)
+    adata.uns[key] = {
+        "params": {"resolution": resolution, "random_state": random_state,
+                   "n_iterations": n_iterations},
+        "modularity": part.modularity,
+    }
+
+
+def _igraph_from_csr(adjacency):
+    """scanpy's ``get_igraph_from_adjacency(adjacency, directed=False)``: one undirected edge
+    per stored non-zero in row-major order (so each edge of a symmetric graph twice), with
+    its value as the "weight" attribute; duplicate entries each get their sum, as scanpy's
+    ``adjacency[sources, targets]`` gives them."""
+    import igraph
+
+    coo = adjacency.tocoo()  # scanpy's .nonzero(): the stored order, zeros dropped
+    keep = coo.data != 0
+    sources, targets = coo.row[keep], coo.col[keep]
+    if adjacency.has_canonical_format:
+        weights = coo.data[keep]
+    else:
+        weights = np.asarray(adjacency[sources, targets]).ravel()
+    # python ints and floats (float32 -> float64 exactly) convert fastest into igraph
+    edges = list(zip(sources.tolist(), targets.tolist(), strict=True))
+    return igraph.Graph(n=adjacency.shape[0], edges=edges, directed=False,
+                        edge_attrs={"weight": weights.tolist()})
+
+
+class _IgraphRandom:
+    """igraph's random numbers drawn from a NumPy RandomState exactly as scanpy's _RNGIgraph
+    draws them (igraph calls these four), leaving Python's and NumPy's global seeds alone."""
+
+    def __init__(self, random_state):
+        self._rng = check_random_state(random_state)
+
+    def getrandbits(self, k):
+        return self._rng.tomaxint() & ((1 << k) - 1)
+
+    def randint(self, a, b):
+        return self._rng.randint(a, b + 1)
+
+    def random(self):
+        return self._rng.random()
+
+    def gauss(self, mu, sigma):
+        return self._rng.normal(mu, sigma)
 
 
 def _leiden_modularity(graph, labels, flavor, resolution, use_weights) -> float:

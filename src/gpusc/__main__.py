@@ -260,7 +260,6 @@ def _is_zarr(path: Path) -> bool:
 def read_counts(path: Path):
     """The AnnData in ``path`` and what it was read as: .h5ad, .zarr, a 10x .h5 or a 10x folder."""
     import anndata as ad
-    import scanpy as sc
 
     if not path.exists():
         raise UsageError(f"input not found: {path}")
@@ -271,6 +270,8 @@ def read_counts(path: Path):
         gz = (path / "matrix.mtx.gz").is_file()  # Cell Ranger 3+ gzips; 2 (genes.tsv) does not
 
         def read():
+            import scanpy as sc  # its readers of 10x files (imported here only: .h5ad and .zarr need none)
+
             # scanpy 1.11 (Python 3.11) has no `compressed`: it reads Cell Ranger 3's gzipped files
             if "compressed" in inspect.signature(sc.read_10x_mtx).parameters:
                 return sc.read_10x_mtx(path, compressed=gz)
@@ -289,6 +290,8 @@ def read_counts(path: Path):
         kind = "10x .h5"
 
         def read():
+            import scanpy as sc
+
             return sc.read_10x_h5(path)
     else:
         raise UsageError(f"input must be an .h5ad file, a .zarr store, a 10x .h5 file or a 10x folder with "
@@ -591,11 +594,9 @@ def _run(args, compiles, ahead) -> dict:
 
     ari = None
     if "leiden" in ran and labels is not None and labels in adata.obs.columns:
-        from sklearn.metrics import adjusted_rand_score
-
         known = adata.obs[labels].notna().to_numpy()  # cells without a label are not scored
         ari = {"labels": labels, "cluster_key": CLUSTER_KEY,
-               "ari": float(adjusted_rand_score(adata.obs[labels][known], adata.obs[CLUSTER_KEY][known])),
+               "ari": _report.adjusted_rand_index(adata.obs[labels][known], adata.obs[CLUSTER_KEY][known]),
                "n_clusters": int(adata.obs[CLUSTER_KEY].nunique()), "n_labels": int(adata.obs[labels].nunique())}
         print(f"ARI of the Leiden clusters against obs[{labels!r}]: {ari['ari']:.3f} "
               f"({ari['n_clusters']} clusters, {ari['n_labels']} labels)")

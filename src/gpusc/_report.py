@@ -3,9 +3,11 @@ data URIs, no script, nothing fetched over the network).
 
 Sections, each a ``<section id=...>``: ``summary`` (input, device, totals), ``steps`` (the
 per-step table), ``qc`` (violins of the QC metrics before filtering, with the filter
-thresholds), ``hvg`` (mean against dispersion, scanpy's plot), ``pca`` (variance ratio),
+thresholds), ``hvg`` (mean against dispersion, as scanpy's plot), ``pca`` (variance ratio),
 ``umap`` (coloured by the Leiden clusters and by the given obs columns), ``markers`` (top
 genes per cluster from ``tl.rank_genes_groups``). A section whose step did not run says so.
+The figures redraw scanpy's with matplotlib alone, and :func:`adjusted_rand_index` stands in
+for scikit-learn's: importing scanpy or scikit-learn would cost ``gpusc run`` 1-1.5 s.
 
 :class:`Snapshots` keeps what the later steps remove (the QC metrics of the cells and genes
 that filtering drops, the HVG statistics of the genes the subset drops).
@@ -44,6 +46,54 @@ class Snapshots:
             self.gene_qc = adata.var[["n_cells_by_counts"]].copy()
         elif step == "highly_variable_genes":
             self.hvg = adata.var[[c for c in HVG_COLUMNS if c in adata.var.columns]].copy()
+
+
+# ---------------------------------------------------------------- ARI
+
+
+def adjusted_rand_index(labels_a, labels_b) -> float:
+    """Adjusted Rand index of two labelings of the same cells (as scikit-learn's
+    ``adjusted_rand_score``, without importing it).
+
+    Hubert and Arabie's formula on the pairs of cells: the pairs together in both labelings
+    (a sum over the contingency table), against the pairs expected together by chance, scaled
+    by the largest possible value. 1.0 where that scale is 0 (both labelings one cluster, or
+    every cell its own cluster; also fewer than two cells), as scikit-learn.
+
+    Parameters
+    ----------
+    labels_a, labels_b
+        One label per cell, any hashable values (strings, integers, categories); no missing values.
+
+    Returns
+    -------
+    float
+        1.0 for the same partition (under any names), about 0 for unrelated ones, down to -0.5.
+    """
+    import pandas as pd
+
+    codes_a, _ = pd.factorize(np.asarray(labels_a).ravel())
+    codes_b, classes_b = pd.factorize(np.asarray(labels_b).ravel())
+    if codes_a.size != codes_b.size:
+        raise ValueError(f"labels_a and labels_b have {codes_a.size} and {codes_b.size} labels; "
+                         "they must label the same cells")
+    if (codes_a < 0).any() or (codes_b < 0).any():
+        raise ValueError("labels_a and labels_b must not hold missing values (drop those cells first)")
+
+    def pairs(counts: np.ndarray) -> int:  # n * (n - 1) / 2 of each count, summed, exactly
+        counts = counts.astype(np.int64)
+        return int((counts * (counts - 1) // 2).sum())
+
+    # only the non-zero cells of the contingency table: one key per (class of a, class of b)
+    _, together = np.unique(codes_a.astype(np.int64) * len(classes_b) + codes_b, return_counts=True)
+    index = pairs(together)
+    pairs_a, pairs_b = pairs(np.bincount(codes_a)), pairs(np.bincount(codes_b))
+    n_pairs = codes_a.size * (codes_a.size - 1) // 2
+    expected = pairs_a * pairs_b / n_pairs if n_pairs else 0.0
+    largest = (pairs_a + pairs_b) / 2
+    if largest == expected:  # only when both are one cluster or both all singletons
+        return 1.0
+    return float((index - expected) / (largest - expected))
 
 
 # ---------------------------------------------------------------- figures
@@ -101,11 +151,33 @@ def qc_figure(snap: Snapshots, min_genes: int, min_cells: int) -> bytes:
 
 
 def hvg_figure(hvg) -> bytes:
-    import scanpy as sc
+    """scanpy's ``pl.highly_variable_genes`` drawn with matplotlib from the saved var columns.
 
+    Two panels, normalized then not normalized dispersion (``seurat``, ``cell_ranger``) or
+    variance (``seurat_v3``: when ``variances_norm`` is there, as scanpy decides) against the
+    mean; highly variable genes black, the others grey; scanpy's axis labels.
+    """
     plt = _pyplot()
-    sc.pl.highly_variable_genes(hvg, show=False)  # scanpy's own plot, from the saved var columns
-    return png_bytes(plt.gcf())
+    seurat_v3 = "variances_norm" in hvg.columns
+    data_type = "variances" if seurat_v3 else "dispersions"
+    columns = [f"{data_type}_norm", data_type]
+    missing = [c for c in ("means", *columns, "highly_variable") if c not in hvg.columns]
+    if missing:
+        raise ValueError(f"hvg_figure needs var columns {missing} (pp.highly_variable_genes writes them)")
+    means = hvg["means"].to_numpy(dtype=np.float64)
+    highly_variable = hvg["highly_variable"].to_numpy(dtype=bool)
+    width, height = plt.rcParams["figure.figsize"]
+    fig, axes = plt.subplots(1, 2, figsize=(2 * width, height))
+    fig.subplots_adjust(wspace=0.3)
+    for ax, column, normalized in zip(axes, columns, ("", "not "), strict=True):
+        values = hvg[column].to_numpy(dtype=np.float64)
+        for label, color, mask in (("highly variable genes", "black", highly_variable),
+                                   ("other genes", "grey", ~highly_variable)):
+            ax.scatter(means[mask], values[mask], label=label, c=color, s=1)
+        ax.set_xlabel("mean expressions of genes")
+        ax.set_ylabel(f"{data_type} of genes ({normalized}normalized)")
+    axes[0].legend()
+    return png_bytes(fig)
 
 
 def pca_figure(variance_ratio: np.ndarray) -> bytes:
@@ -121,10 +193,101 @@ def pca_figure(variance_ratio: np.ndarray) -> bytes:
     return png_bytes(fig)
 
 
-def umap_figure(adata, colors: list[str]) -> bytes:
-    import scanpy as sc
+def _default_20() -> list[str]:
+    """scanpy's ``default_20``: matplotlib's tab20 darks then lights without the greys, with
+    scanpy's colour-blind replacements (green, purple, khaki) and two added reds/browns."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
 
-    fig = sc.pl.umap(adata, color=colors, show=False, return_fig=True)
+    tab20 = [to_hex(c) for c in colormaps["tab20"].colors]
+    palette = [*tab20[0:14:2], *tab20[16::2], *tab20[1:15:2], *tab20[17::2], "#ad494a", "#8c6d31"]
+    palette[2], palette[4], palette[7] = "#279e68", "#aa40fc", "#b5bd61"
+    return palette
+
+
+def _category_colors(adata, key: str, categories) -> list:
+    """The colours scanpy would use: ``uns[key + '_colors']`` when it has one per category,
+    else matplotlib's colour cycle (tab10) up to its length, ``default_20`` up to 20, and
+    beyond that tab20, tab20b and tab20c (scanpy's 28/102-colour palettes are not matplotlib's)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import is_color_like
+
+    saved = adata.uns.get(f"{key}_colors")
+    if saved is not None and len(saved) >= len(categories) and all(is_color_like(c) for c in saved):
+        return list(saved)[: len(categories)]
+    cycle = _pyplot().rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(categories) <= len(cycle):
+        return cycle[: len(categories)]
+    if len(categories) <= 20:
+        return _default_20()[: len(categories)]
+    many = [c for name in ("tab20", "tab20b", "tab20c") for c in colormaps[name].colors]
+    return [many[i % len(many)] for i in range(len(categories))]
+
+
+def _umap_panel(ax, coords: np.ndarray, values, key: str, colors: list | None, size: float) -> None:
+    """One colour key: categories with a legend right of the panel, numbers with a colorbar."""
+    import pandas as pd
+
+    plt = _pyplot()
+    if colors is not None:  # categorical: missing values light grey, drawn first (underneath)
+        codes = values.codes
+        order = np.argsort(codes >= 0, kind="stable")
+        point_colors = np.array([*colors, "lightgray"], dtype=object)[codes]
+        ax.scatter(coords[order, 0], coords[order, 1], c=list(point_colors[order]), s=size,
+                   edgecolors="none", plotnonfinite=True, rasterized=True)
+        legend = list(zip(map(str, values.categories), colors, strict=True))
+        legend += [("NA", "lightgray")] if (codes < 0).any() else []  # scanpy's na_in_legend
+        for label, color in legend:
+            ax.scatter([], [], c=[color], label=label)
+        n = len(legend)
+        ax.legend(frameon=False, loc="center left", bbox_to_anchor=(1, 0.5),
+                  ncol=1 if n <= 14 else 2 if n <= 30 else 3)
+    else:  # numbers: the highest drawn last (on top), as scanpy's sort_order
+        numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+        order = np.argsort(np.where(np.isnan(numbers), -np.inf, numbers), kind="stable")
+        cmap = plt.get_cmap("viridis").with_extremes(bad="lightgray")
+        points = ax.scatter(coords[order, 0], coords[order, 1], c=numbers[order], s=size, cmap=cmap,
+                            edgecolors="none", plotnonfinite=True, rasterized=True)
+        ax.figure.colorbar(points, ax=ax, pad=0.01, fraction=0.08, aspect=30)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel("UMAP1")
+    ax.set_ylabel("UMAP2")
+    ax.set_title(key)
+
+
+def umap_figure(adata, colors: list[str]) -> bytes:
+    """``obsm['X_umap']`` coloured by each obs column of ``colors``, one panel each (4 a row).
+
+    As scanpy's ``pl.umap``: point size 120000 / n_cells; categorical columns (and strings
+    and booleans, which scanpy makes categorical) with its palettes and a legend right of the
+    panel; numerical columns in viridis with a colorbar.
+    """
+    import pandas as pd
+
+    plt = _pyplot()
+    if not colors:
+        raise ValueError("umap_figure needs at least one obs column in colors")
+    missing = [c for c in colors if c not in adata.obs.columns]
+    if missing or "X_umap" not in adata.obsm:
+        raise ValueError(f"umap_figure needs obsm['X_umap'] and the obs columns {colors} (missing: {missing})")
+    coords = np.asarray(adata.obsm["X_umap"], dtype=np.float64)[:, :2]
+    size = 120000 / adata.n_obs
+    n_cols = min(4, len(colors))
+    n_rows = -(-len(colors) // n_cols)
+    width, height = plt.rcParams["figure.figsize"]
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols * width * 1.3, n_rows * height),
+                             squeeze=False, layout="constrained")  # constrained: room for legends
+    for ax in axes.flat[len(colors):]:
+        ax.set_axis_off()
+    for ax, key in zip(axes.flat, colors, strict=False):
+        column = adata.obs[key]
+        if isinstance(column.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(column) \
+                or pd.api.types.is_bool_dtype(column):
+            values = column.astype("category").array  # anndata makes strings categorical, sorted
+            _umap_panel(ax, coords, values, key, _category_colors(adata, key, values.categories), size)
+        else:
+            _umap_panel(ax, coords, column, key, None, size)
     return png_bytes(fig)
 
 

@@ -13,7 +13,8 @@ INPUT is raw counts as an .h5ad file, a .zarr store, a 10x Cell Ranger .h5 file 
 folder (``matrix.mtx[.gz]`` with ``features.tsv[.gz]``/``genes.tsv`` and
 ``barcodes.tsv[.gz]``), read with anndata's and scanpy's readers. Without INPUT the data
 are ``gpusc.datasets.synthetic(n_obs=N or 20_000, n_vars=5_000)`` (cell types known:
-``obs['cell_type']``); with INPUT and ``--n-obs`` the input is replaced by N new cells
+``obs['cell_type']``; drawn once, then read back from ``$GPUSC_CACHE_DIR``, else
+``~/.cache/gpusc``); with INPUT and ``--n-obs`` the input is replaced by N new cells
 drawn from a model of it (``gpusc.datasets.resample``).
 
 The pipeline is the table ``STEPS``, with scanpy's defaults: QC, filter_cells,

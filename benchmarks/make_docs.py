@@ -159,11 +159,11 @@ def synthetic_section(record: dict, stem: str) -> list[str]:
 
 
 def _first_run_verdict(runs: list[dict]) -> str:
-    first, warm = runs[0]["wall_seconds"], runs[-1]["wall_seconds"]
+    first, warm = runs[0]["wall_seconds"], max(r["wall_seconds"] for r in runs[1:])  # the slowest warm run
     met = first < 40 and warm < 12
     return (f"The goal (issue 15) is under 40 s for the first run and under 12 s warm on a quiet 2-core machine: "
-            f"**{'met' if met else 'not met'}** ({first:.1f} s and {warm:.1f} s here; the load average is in the "
-            f"table). The warm run's largest step is umap ({runs[-1]['steps'].get('umap') or float('nan'):.1f} s: gpusc's deterministic "
+            f"**{'met' if met else 'not met'}** ({first:.1f} s first and {warm:.1f} s for the slowest warm run here; "
+            f"the load average is in the table). The warm run's largest step is umap ({runs[-1]['steps'].get('umap') or float('nan'):.1f} s: gpusc's deterministic "
             f"layout optimiser on numba's threads); {runs[-1]['wall_seconds'] - runs[-1]['steps_seconds']:.1f} s "
             "go to starting Python, imports, reading, writing and the report.")
 

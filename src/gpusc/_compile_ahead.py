@@ -1,7 +1,7 @@
 """``gpusc run``'s later kernels compiled in a second process while the run does its first steps.
 
 The first run after an install spends most of its time in numba's compiler, which works one
-function after another on one core. On a cold cache, :func:`start` launches this module as a
+function after another on one core. On a cold cache, :meth:`Ahead.start` launches this module as a
 second process: it runs the later steps of :data:`gpusc.__main__.STEPS` (from ``scale`` to
 ``rank_genes_groups``) on a few hundred made-up cells whose arrays have the dtypes the run
 gives those steps (log-normalised float32 CSR with int32 indices), so numba compiles their
@@ -22,7 +22,8 @@ FIRST_STEP = "scale"  # the run compiles the steps before it itself
 
 
 def cache_is_cold() -> bool:
-    """Whether numba's cache lacks the umap optimiser, the last kernel this process compiles."""
+    """Whether numba's cache lacks the umap optimiser, one of the kernels this process compiles
+    (a cache that has it was filled by an earlier run or by this process: it has the others)."""
     from ._kernels import umap
 
     try:

@@ -358,10 +358,11 @@ def _cache_folder() -> Path:
 
 
 def _synthetic(n_obs: int, seed: int):
-    """``gpusc.datasets.synthetic(n_obs, 5000, seed=seed)``, drawn once and then read back from
-    :func:`_cache_folder` (20,000 cells: 1.5-2 s to draw, 0.1 s to read), also the first time. The file's name holds
-    the arguments and a hash of the sampler's sources, so a changed model draws anew; a folder
-    that cannot be written just means drawing every time."""
+    """``gpusc.datasets.synthetic(n_obs, 5000, seed=seed)``, drawn once, written to
+    :func:`_cache_folder` and read back from there, also the first time (20,000 cells: 1.5-2 s
+    to draw, 0.1 s to read). The file's name holds the arguments and a hash of the sampler's
+    sources, so a changed model draws anew; a folder that cannot be written just means drawing
+    every time."""
     import hashlib
 
     import anndata as ad

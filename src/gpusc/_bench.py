@@ -66,8 +66,8 @@ class PeakRSS:
     ``/proc/self/clear_refs`` resets ``VmHWM`` in ``/proc/self/status`` to the current RSS, so
     ``VmHWM`` on exit is the exact peak, at no cost while the block runs (blocks must not nest:
     an inner one resets the outer one's mark). Elsewhere a thread samples the RSS every few
-    milliseconds; each wake-up takes a core from numba's threads for a moment, which on a
-    2-core machine slowed barrier-heavy kernels (the umap epochs) by a third.
+    milliseconds; each wake-up takes a core from numba's threads for a moment (on a 2-core
+    machine, where every kernel uses both cores).
 
     ``peak`` and ``start`` are bytes; both stay ``None`` when neither way is available
     (no /proc and no psutil).

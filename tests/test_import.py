@@ -57,13 +57,15 @@ def test_logging_forwards_to_scanpy_once_imported(capsys):
 
     from gpusc._core import logg
 
-    verbosity = sc.settings.verbosity
+    verbosity, logfile = sc.settings.verbosity, sc.settings.logfile
     try:
+        # scanpy binds its log stream when first set: point it at this test's captured stderr
+        sc.settings.logfile = sys.stderr
         sc.settings.verbosity = "info"
         sc.logging.info("from scanpy")
         logg.info("from gpusc")
     finally:
-        sc.settings.verbosity = verbosity
+        sc.settings.verbosity, sc.settings.logfile = verbosity, logfile
     theirs, ours = capsys.readouterr().err.splitlines()[-2:]
     assert "from scanpy" in theirs and ours == theirs.replace("from scanpy", "from gpusc")  # printed as scanpy's
 

@@ -315,7 +315,7 @@ def _aggregate_dask(x, codes: np.ndarray, n_groups: int, funcs: set[str], dof: i
 
 
 def _layers_order(funcs: set[str]) -> list[str]:
-    """The layer names, in scanpy's order for in-memory input (as _layers writes them)."""
+    """The layer names, in scanpy's order for in-memory input (the order _layers returns)."""
     order = [f for f in ("sum", "mean", "count_nonzero") if f in funcs and not (f == "mean" and "var" in funcs)]
     if "var" in funcs:
         order += ["var", "mean"] if "mean" in funcs else ["var"]
@@ -324,7 +324,8 @@ def _layers_order(funcs: set[str]) -> list[str]:
 
 def _layers(moments, codes, n_groups: int, funcs: set[str], dof: int, group_names: pd.Index,
             sparse: bool, integer: bool) -> dict[str, np.ndarray]:
-    """The host layers from the moments (median aside), in scanpy's order and dtypes."""
+    """The host layers from the moments (median aside), in scanpy's dtypes and in
+    :func:`_layers_order`."""
     if moments is None:
         return {}
     if moments.nonfinite:
@@ -338,11 +339,8 @@ def _layers(moments, codes, n_groups: int, funcs: set[str], dof: int, group_name
     if "count_nonzero" in funcs:
         layers["count_nonzero"] = moments.count if sparse else moments.count.astype(np.float64)
     if "var" in funcs:
-        mean, var = _mean_var(moments, n, dof, group_names)
-        layers["var"] = var
-        if "mean" in funcs:
-            layers["mean"] = mean
-    return layers
+        layers["mean"], layers["var"] = _mean_var(moments, n, dof, group_names)
+    return {name: layers[name] for name in _layers_order(funcs)}
 
 
 def _mean_var(moments, n: np.ndarray, dof: int, group_names: pd.Index):

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._core.compat import check_random_state
+
 # Converged when every wanted triplet's residual ‖Aᵀu − σv‖ is at most TOL × σ₁. The error
 # of σ is about residual²/gap and of a vector residual/gap: at 1e-11 the components agree
 # with ARPACK's (tol 0, machine precision) to 1 − |cos| ~ 1e-15 on real data.
@@ -49,8 +51,6 @@ def lanczos_svd(a_times, at_times, shape: tuple[int, int], k: int, *, xp=np, ran
     (in A's row space), m products of each kind, then m − keep of each per restart,
     keep = k + (m − k) / 2 (pbmc3k, 13,714 genes, k = 50: 4 restarts, 260 of each).
     """
-    from sklearn.utils import check_random_state
-
     n_obs, n_vars = shape
     min_dim = min(shape)
     if not 1 <= k <= min_dim:

@@ -11,7 +11,7 @@ from anndata import AnnData
 
 from .._core.adata import check_not_empty, get_matrix
 from .._core.arrays import canonical, is_csc, is_sparse, placement, to_host, xp_of
-from .._core.compat import check_mask, is_backed_type, warn
+from .._core.compat import check_mask, check_random_state, is_backed_type, warn
 from .._core.dask import check_block, check_row_chunks, is_dask
 from .._core.dask import compute as dask_compute
 from .._kernels.gram import DenseRows, gram, matmat, rmatmat
@@ -278,8 +278,6 @@ def pca(
         raise ValueError(f"{func}: svd_solver='cuml' takes dense device input with zero_center=True "
                          "and chunked=False; leave svd_solver unset for gpusc's own solvers")
     if solver in ("randomized", "lanczos"):
-        from sklearn.utils import check_random_state
-
         random_state = check_random_state(random_state)  # scanpy's accepted seeds and its errors
     where = f"layer {layer!r}" if layer else f"obsm {obsm!r}" if obsm else "adata.X" if adata else "the matrix"
     nonfinite = f"{func}: {where} contains NaN or inf; PCA needs finite values (remove or impute them first)"
@@ -759,8 +757,6 @@ def _subspace_iteration(x, mean, k: int, random_state):
     algorithm 4.4), stopped when the top k singular value estimates settle;
     products with the centred matrix are X·V − 1(μᵀV) and Xᵀ·U − μ(1ᵀU).
     """
-    from sklearn.utils import check_random_state
-
     xp = _dask_xp(x) if is_dask(x) else xp_of(x)
     n_obs, n_vars = x.shape
     block = min(max(2 * k, k + N_OVERSAMPLES), min(n_obs, n_vars))

@@ -23,6 +23,7 @@ from scipy import sparse
 from .._core import logg
 from .._core.adata import actualize_view
 from .._core.arrays import placement
+from .._core.compat import check_random_state
 from .._settings import resolve_device
 
 # scanpy's own messages, quoted inside ours
@@ -100,8 +101,6 @@ def diffmap(
     start = logg.info(f"computing Diffusion Maps using n_comps={n_comps}(=n_dcs)")
     scale = transition_scale(connectivities, func)
     k = min(n - 1, int(n_comps))
-    from sklearn.utils import check_random_state
-
     v0 = check_random_state(random_state).standard_normal(n)  # scanpy's start vector
     if where == "gpu":
         evals, evecs = _eigen_device(connectivities, scale, k, v0)

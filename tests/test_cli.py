@@ -8,11 +8,13 @@ import sys
 
 import anndata as ad
 import numpy as np
+import pandas as pd
+from pandas.testing import assert_frame_equal
 import pytest
 from scipy import sparse
 from sklearn.metrics import adjusted_rand_score
 
-from gpusc.__main__ import STEPS, main
+from gpusc.__main__ import STEPS, _PieceFile, _write_h5ad, main
 
 
 def _main_capturing(argv):
@@ -36,7 +38,7 @@ def synthetic_run(tmp_path_factory):
 REPORT_KEYS = {"command", "input", "device", "device_requested", "options", "steps", "skipped", "calls",
                "total_seconds", "timing_note", "host_peak_rss_gib", "device_peak_gib", "final_shape", "ari", "plot", "plot_note",
                "machine", "versions", "platform", "result", "time", "html", "numba", "load_seconds",
-               "write_seconds", "report_seconds", "run_seconds"}
+               "write_seconds", "report_seconds", "run_seconds", "numpy_madvise_hugepage"}
 STEP_KEYS = {"step", "status", "seconds", "numba_compile_seconds", "n_obs", "n_vars", "host_peak_rss_gib",
              "device_peak_gib", "warnings"}
 
@@ -213,3 +215,49 @@ def test_run_on_gpu(tmp_path):
     assert report["steps"][0]["step"] == "anndata_to_GPU" and report["steps"][-1]["step"] == "anndata_to_CPU"
     result = ad.read_h5ad(tmp_path / "result.h5ad")
     assert isinstance(result.X, sparse.spmatrix | sparse.sparray)
+
+
+
+def _h5_contents(path) -> dict:
+    """Every group's and dataset's attributes, and every dataset's dtype, shape, layout and values."""
+    import h5py
+
+    def value(ds):
+        v = ds[()]
+        return repr(v.tolist() if hasattr(v, "tolist") else v) if ds.dtype.kind in "OV" or ds.shape in ((), None) \
+            else v.tobytes()
+
+    out = {}
+    with h5py.File(path, "r") as f:
+        out["/"] = dict(f.attrs)
+
+        def visit(name, obj):
+            attrs = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in obj.attrs.items()}
+            out[name] = ((obj.dtype.str, obj.shape, obj.chunks, obj.compression, attrs, value(obj))
+                         if isinstance(obj, h5py.Dataset) else attrs)
+
+        f.visititems(visit)
+    return out
+
+
+def test_result_h5ad_is_what_write_h5ad_writes(synthetic_run, tmp_path):
+    """gpusc run writes result.h5ad through 64 KiB writes (gpusc.__main__._PieceFile): the file
+    holds exactly what anndata's write_h5ad writes for the same AnnData (raw, strings, uns, obsp)."""
+    _, out, _ = synthetic_run
+    adata = ad.read_h5ad(out / "result.h5ad")
+    assert adata.raw is not None and "rank_genes_groups" in adata.uns and "connectivities" in adata.obsp
+    adata.obs["note"] = np.where(np.arange(adata.n_obs) % 2, "odd", "even")  # strings: made categorical by both
+    copy = adata.copy()
+    with ad.settings.override(allow_write_nullable_strings=True):
+        copy.write_h5ad(tmp_path / "anndata.h5ad")
+    _write_h5ad(adata, tmp_path / "gpusc.h5ad")
+    assert _h5_contents(tmp_path / "gpusc.h5ad") == _h5_contents(tmp_path / "anndata.h5ad")
+    assert_frame_equal(adata.obs, copy.obs)  # the same change to the object: strings to categoricals
+
+
+def test_piece_file_writes_every_byte(tmp_path):
+    data = np.random.default_rng(0).integers(0, 255, 3 * _PieceFile.PIECE + 123, dtype=np.uint8)
+    with _PieceFile(tmp_path / "f", "w+") as f:
+        assert f.write(memoryview(data)) == data.size
+        assert f.write(b"tail") == 4
+    assert (tmp_path / "f").read_bytes() == data.tobytes() + b"tail"

@@ -146,7 +146,7 @@ def test_help_documents_inputs_and_options(capsys):
 
 def _run_cli(args: list[str], cache: Path) -> dict:
     """`python -m gpusc run` in a fresh interpreter with numba's cache in ``cache``."""
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
+    env = {**{k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}, "NUMBA_CACHE_DIR": str(cache)}
     done = subprocess.run([sys.executable, "-m", "gpusc", "run", *args], env=env, capture_output=True, text=True,
                           timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -185,6 +185,30 @@ def test_warm_run_loads_numba_cache(two_runs):
     assert cold["report"]["numba"]["compiled_ahead"]["started"]
     assert cold["report"]["numba"]["compiled_ahead"]["returncode"] == 0, cold["report"]["numba"]["compiled_ahead"]
     assert warm["report"]["numba"]["compiled_ahead"] == {"started": False}
+
+
+def test_command_turns_numpy_huge_pages_off(two_runs):
+    """The command's process (not the library) stops numpy's huge-page advice: first touches of
+    huge pages stalled a warm run by 1.5-2 s on this project's VM (see gpusc.__main__._small_pages)."""
+    for run in two_runs:
+        assert run["report"]["numpy_madvise_hugepage"] is False
+
+
+def test_users_numpy_huge_page_choice_wins(monkeypatch):
+    from gpusc.__main__ import _hugepage_switch, _numpy_hugepages, _small_pages
+
+    before = _numpy_hugepages()
+    assert before is not None  # numpy 1.26-2.x have the switch
+    try:
+        _hugepage_switch()(True)
+        monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")
+        _small_pages()
+        assert _numpy_hugepages() is True
+        monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE")
+        _small_pages()
+        assert _numpy_hugepages() is False
+    finally:
+        _hugepage_switch()(before)
 
 
 def test_compile_ahead_caches_the_later_steps_kernels(tmp_path):

@@ -505,3 +505,29 @@ def test_device_equals_host_pbmc3k(pbmc, method):
     moved = assert_like_scanpy(device, host, exact=method == "wilcoxon")
     if method == "wilcoxon":
         assert moved == 0  # t-test: exact ties may order differently (each stays in its block)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_welch_t_test_is_scipys_bit_for_bit(seed):
+    """rank_genes_groups' t-test without scipy.stats' import: the same statistics and p-values
+    as scipy.stats.ttest_ind_from_stats(equal_var=False), zero variances and one-cell groups included."""
+    from scipy import stats as st
+
+    from gpusc.tl._rank_genes_groups import welch_t_test
+
+    rng = np.random.default_rng(seed)
+    n_genes = 4000
+    mean1, mean2 = rng.normal(0, 1, n_genes), rng.normal(0, 1, n_genes)
+    std1, std2 = np.abs(rng.normal(0, 1, n_genes)), np.abs(rng.normal(0, 1, n_genes))
+    std1[rng.random(n_genes) < 0.1] = 0
+    std2[rng.random(n_genes) < 0.1] = 0
+    both_flat = (std1 == 0) & (rng.random(n_genes) < 0.5)
+    std2[both_flat] = 0
+    same_mean = both_flat & (rng.random(n_genes) < 0.5)  # 0 / 0: a NaN statistic
+    mean1[same_mean] = mean2[same_mean]
+    for n1, n2 in ((1, 500), (37, 2), (1200, 1800)):
+        got = welch_t_test(mean1, std1, n1, mean2, std2, n2)
+        with np.errstate(invalid="ignore"):
+            want = st.ttest_ind_from_stats(mean1, std1, n1, mean2, std2, n2, equal_var=False)
+        for ours, theirs in zip(got, want, strict=True):
+            np.testing.assert_array_equal(ours, theirs)

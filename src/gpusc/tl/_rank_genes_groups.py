@@ -425,10 +425,8 @@ def _group_stats(moments, size: np.ndarray, k: int, ireference: int | None, n_ob
 # ---------------------------------------------------------------- tests
 
 def _t_test(stats: _Stats, method: str, ireference: int | None, n_obs: int) -> list:
-    """Welch's t-test of each group against the rest or the reference, from the moments, with
-    scipy's ttest_ind_from_stats (a group per thread); NaN scores 0, NaN p-values 1 (scanpy)."""
-    from scipy import stats as st
-
+    """Welch's t-test of each group against the rest or the reference, from the moments (a
+    group per thread); NaN scores 0, NaN p-values 1 (scanpy)."""
     tested = [g for g in range(stats.size.size) if g != ireference]
     n_group = stats.size[tested][:, None]
     if ireference is None:
@@ -443,10 +441,7 @@ def _t_test(stats: _Stats, method: str, ireference: int | None, n_obs: int) -> l
 
     def welch(i):  # group i of tested (the rest/reference row broadcasts)
         r = min(i, mean_rest.shape[0] - 1)
-        with np.errstate(invalid="ignore"):
-            return st.ttest_ind_from_stats(mean1=mean[i], std1=std[i], nobs1=n_group[i, 0],
-                                           mean2=mean_rest[r], std2=std_rest[r],
-                                           nobs2=n_rest[i, 0], equal_var=False)
+        return welch_t_test(mean[i], std[i], n_group[i, 0], mean_rest[r], std_rest[r], n_rest[i, 0])
 
     # one group per task: the t distribution's sf dominates and releases the GIL
     results = []
@@ -455,6 +450,21 @@ def _t_test(stats: _Stats, method: str, ireference: int | None, n_obs: int) -> l
         pvals[np.isnan(pvals)] = 1
         results.append((g, scores, pvals))
     return results
+
+
+def welch_t_test(mean1, std1, n1, mean2, std2, n2) -> tuple[np.ndarray, np.ndarray]:
+    """Welch's unequal-variance t statistic and two-sided p-value, element-wise: what scanpy's
+    scipy.stats.ttest_ind_from_stats(..., equal_var=False) returns, bit for bit (the
+    Welch-Satterthwaite degrees of freedom, 1 where they are undefined, and Student's t tail
+    from scipy.special.stdtr) without importing scipy.stats (~0.35 s of a 12 s gpusc run)."""
+    from scipy import special
+
+    var1, var2 = std1**2 / n1, std2**2 / n2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dof = (var1 + var2) ** 2 / (var1**2 / (n1 - 1) + var2**2 / (n2 - 1))
+        dof = np.where(np.isnan(dof), 1, dof)  # both variances 0: any dof, as long as not NaN
+        t = (mean1 - mean2) / np.sqrt(var1 + var2)
+    return t, 2 * special.stdtr(dof, -np.abs(t))
 
 
 def _threads(func, items) -> list:

@@ -255,9 +255,18 @@ def test_result_h5ad_is_what_write_h5ad_writes(synthetic_run, tmp_path):
     assert_frame_equal(adata.obs, copy.obs)  # the same change to the object: strings to categoricals
 
 
-def test_piece_file_writes_every_byte(tmp_path):
-    data = np.random.default_rng(0).integers(0, 255, 3 * _PieceFile.PIECE + 123, dtype=np.uint8)
+def test_piece_file_writes_every_byte_and_syncs_every_window(tmp_path, monkeypatch):
+    import os
+
+    synced, dropped = [], []
+    monkeypatch.setattr(os, "fdatasync", lambda fd: synced.append(fd))
+    real_fadvise = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda *a: dropped.append(a) or real_fadvise(*a))
+    data = np.random.default_rng(0).integers(0, 255, 2 * _PieceFile.WINDOW + 3 * _PieceFile.PIECE + 123,
+                                             dtype=np.uint8)
     with _PieceFile(tmp_path / "f", "w+") as f:
-        assert f.write(memoryview(data)) == data.size
+        assert f.write(memoryview(data)) == data.size  # one large write, as HDF5's of a dense X
         assert f.write(b"tail") == 4
     assert (tmp_path / "f").read_bytes() == data.tobytes() + b"tail"
+    assert len(synced) == 2 and len(dropped) == 2  # after each full 16 MiB, not after the rest
+    assert all(a[3] == os.POSIX_FADV_DONTNEED for a in dropped)

@@ -267,6 +267,11 @@ def test_igraph_flavor_errors_as_scanpy(pbmc):
         with pytest.raises(error, match=re.escape(str(ref_error.value))):
             gpusc.tl.leiden(pbmc, flavor="igraph", device="cpu", **kw)
         assert_unchanged(pbmc, before)
+    # the GPU path ignores `directed`, yet rejects it with this flavor as scanpy does (checked
+    # before the device is chosen, so on any machine)
+    with pytest.raises(ValueError, match="Cannot use igraph’s leiden implementation with a directed graph"):
+        gpusc.tl.leiden(pbmc, flavor="igraph", device="gpu", directed=True)
+    assert_unchanged(pbmc, before)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # scanpy's igraph flavor warns nothing; neither do we
         gpusc.tl.leiden(pbmc, flavor="igraph", n_iterations=2, device="cpu")

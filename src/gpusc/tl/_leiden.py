@@ -146,6 +146,9 @@ def _cluster(func, adata, resolution, *, restrict_to, random_state, key_added, a
     if restrict_to is not None:
         mask = _restrict_mask(adata, restrict_to, func)
     resolutions, keys = _keys(func, resolution, key_added, restrict_to is not None)
+    if func == "leiden" and flavor == "igraph" and directed:
+        # scanpy's first check of its igraph flavor; on the GPU too, where directed is ignored
+        raise ValueError("Cannot use igraph’s leiden implementation with a directed graph.")
     where = resolve_device(device)
     if where == "gpu":
         try:
@@ -167,7 +170,7 @@ def _cluster(func, adata, resolution, *, restrict_to, random_state, key_added, a
                               "package; install it or pass flavor='igraph'") from exc
 
     if where == "cpu" and func == "leiden" and flavor == "igraph":
-        _check_igraph_flavor(directed, partition_type, random_state)
+        _check_igraph_flavor(partition_type, random_state)
 
     if copy:
         adata = adata.copy()
@@ -236,10 +239,9 @@ def _run_scanpy(func, adata, graph, resolutions, keys, restrict_to, random_state
 
 # ---------------------------------------------------------------- scanpy's igraph flavor
 
-def _check_igraph_flavor(directed, partition_type, random_state):
-    """scanpy 1.12's errors for flavor="igraph", raised before the AnnData changes."""
-    if directed:
-        raise ValueError("Cannot use igraph’s leiden implementation with a directed graph.")
+def _check_igraph_flavor(partition_type, random_state):
+    """scanpy 1.12's other errors for flavor="igraph" (directed: see _cluster), raised before
+    the AnnData changes."""
     if partition_type is not None:
         raise ValueError("Do not pass in partition_type argument when using igraph.")
     try:

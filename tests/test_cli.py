@@ -9,8 +9,8 @@ import sys
 import anndata as ad
 import numpy as np
 import pandas as pd
-from pandas.testing import assert_frame_equal
 import pytest
+from pandas.testing import assert_frame_equal
 from scipy import sparse
 from sklearn.metrics import adjusted_rand_score
 
@@ -215,7 +215,6 @@ def test_run_on_gpu(tmp_path):
     assert report["steps"][0]["step"] == "anndata_to_GPU" and report["steps"][-1]["step"] == "anndata_to_CPU"
     result = ad.read_h5ad(tmp_path / "result.h5ad")
     assert isinstance(result.X, sparse.spmatrix | sparse.sparray)
-
 
 
 def _h5_contents(path) -> dict:

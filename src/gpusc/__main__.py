@@ -769,10 +769,11 @@ def _small_pages() -> None:
     """Stop numpy asking the kernel for 2 MB pages in this process (unless the user chose).
 
     numpy madvises every large array for transparent huge pages; where the kernel honours it
-    (THP "madvise", Ubuntu's default) the first touch of those pages can stall while the
-    kernel finds and clears contiguous memory: on this project's 2-core VM, filling a new
-    156 MB array took 1.09 s with huge pages and 0.06 s without, and scale's dense output and
-    filter_cells' copy added 1.5-2 s to a 12 s warm run. The command owns its process, so it
+    (THP "madvise", Ubuntu's default) a huge page must be whole contiguous memory, which on a
+    VM that hands freed memory back to its host (this project's Firecracker machines) is
+    memory the host must back again: filling a new 156 MB array took 1.09 s with huge pages
+    and 0.06 s without, and scale's dense output and filter_cells' copy added 1.5-2 s to a
+    12 s warm run. The command owns its process, so it
     chooses; a library does not change a process-wide setting, and ``NUMPY_MADVISE_HUGEPAGE``
     (numpy's own switch) set by the user wins.
     """

@@ -33,7 +33,7 @@ from _compare import (
     scanpy_float64_input,
     snapshot,
 )
-from conftest import read_real
+from conftest import read_real, skip_unless_scanpy_112
 from scipy import sparse
 
 import gpusc
@@ -410,6 +410,9 @@ def test_dask_t_tests_equal_in_memory_and_scanpy_on_dask(chunks, fmt, method):
         got = _gpusc(lazy, "group", method=method, pts=True)
     assert c.computes == 1
     assert_like_scanpy(got, _gpusc(adata, "group", method=method, pts=True), exact=True)
+    if fmt != "dense":  # gpusc's checks above hold on both scanpy versions
+        skip_unless_scanpy_112("rank_genes_groups on sparse dask chunks calls np.sum(keepdims=...) on "
+                               "scipy sparse matrices, which scanpy 1.11 does not support")
     assert_like_scanpy(got, _scanpy(lazy, "group", method=method, pts=True))
 
 

@@ -10,9 +10,17 @@ tests      the GPU-marked suite (``pytest -m gpu`` with GPUSC_REQUIRE_GPU=1: no 
 sanitizer  ``compute-sanitizer`` memcheck and racecheck over small calls of every kernel family
            (benchmarks/gpu_sanitize.py);
 timings    every pipeline step once at ``--cells`` model-drawn cells (gpusc.datasets.synthetic,
-           20,000 genes, 5% non-zero) after a small warm-up run (NVRTC compilation), each against
-           its floor: the bytes the step must move at the device's measured copy bandwidth, or
-           its multiply-adds at the measured GEMM rate (FP64 for PCA, TF32 for kNN).
+           20,000 genes, 5% non-zero, 4 random batches) after a small warm-up run (NVRTC
+           compilation), each against its floor: the bytes the step must move at the device's
+           measured copy bandwidth, or its multiply-adds at the measured GEMM rate (FP64 for
+           PCA, TF32 for kNN); then diffmap, embedding_density, harmony_integrate, tsne and
+           scrublet (on the counts kept aside). leiden and tsne are left out on a GPU without
+           pylibcugraph / cuML (their host paths take minutes at 1M cells) unless named in --steps.
+
+The tests run on pytest-xdist's workers where it is installed (the oracles are host work) with
+pytest-timeout's 120 s per test; each part's output is written to a log under --out as it
+comes, and a part stopped at its limit (its whole process group killed) still reports the
+verdicts and timing rows it printed.
 
 Writes ``gpu-check-<device>.json`` (raw: device, versions, git state, every part's results) to
 ``--out`` (default ``$OUT`` when set, else benchmarks/results/). Runs on the CPU too
@@ -32,29 +40,50 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LIMITS = {"tests": 300, "sanitizer": 150, "timings": 360}  # seconds per part (per tool for the sanitizer)
+LIMITS = {"tests": 240, "sanitizer": 100, "timings": 300}  # seconds per part (per tool for the sanitizer)
 SANITIZER_TOOLS = ("memcheck", "racecheck")
 
 
-def _run(cmd: list[str], limit: float, env: dict | None = None) -> dict:
-    """A subprocess under a time limit: return code (None when killed), seconds, output tail."""
+def _run(cmd: list[str], limit: float, env: dict | None = None, keep_output: bool = False,
+         log: Path | None = None) -> dict:
+    """A subprocess under a time limit: return code (None when killed), seconds, output tail.
+
+    The output goes to ``log`` as it is written (so a part stopped at its limit leaves what it
+    printed there); on the limit the whole process group is killed (pytest-xdist's workers too)."""
+    import signal
+    import tempfile
+
     start = time.perf_counter()
-    try:
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit,
-                              env={**os.environ, **(env or {})})
-        rc, out = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as err:
-        rc = None
-        out = (err.stdout or b"").decode(errors="replace") + (err.stderr or b"").decode(errors="replace")
-    return {"rc": rc, "seconds": round(time.perf_counter() - start, 2), "output_tail": out[-4000:]}
+    with (open(log, "w+") if log else tempfile.TemporaryFile("w+")) as sink:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+        sink.seek(0)
+        out = sink.read()
+    result = {"rc": rc, "seconds": round(time.perf_counter() - start, 2), "output_tail": out[-4000:]}
+    return result | ({"output_full": out} if keep_output else {})
 
 
 # ---------------------------------------------------------------- tests
 
 def run_tests(out: Path, tag: str) -> dict:
     junit = out / f"gpu-check-{tag}-tests.xml"
-    result = _run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                   f"--junitxml={junit}", "tests"], LIMITS["tests"], {"GPUSC_REQUIRE_GPU": "1"})
+    import importlib.util
+
+    extra = []
+    if importlib.util.find_spec("xdist"):  # one GPU, many host cores: the oracles run on the CPU
+        extra += ["-n", str(min(12, os.cpu_count() or 1))]
+    if importlib.util.find_spec("pytest_timeout"):  # one hung test must not take the whole part
+        extra += ["--timeout=120"]
+    result = _run([sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", *extra,
+                   "-rfE", "--tb=short", "-v",
+                   f"--junitxml={junit}", "tests"], LIMITS["tests"], {"GPUSC_REQUIRE_GPU": "1"},
+                  log=out / f"gpu-check-{tag}-tests.log")
     if junit.exists():
         suite = ET.parse(junit).getroot()
         suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
@@ -64,12 +93,20 @@ def run_tests(out: Path, tag: str) -> dict:
         int64 = [case for case in suite.iter("testcase") if "test_int64_indices" in case.get("classname", "")]
         result["int64_parity"] = {"tests": len(int64), "failed": sum(
             case.find("failure") is not None or case.find("error") is not None for case in int64)}
+    else:  # stopped at the limit: the verdicts printed so far (-v)
+        log = (out / f"gpu-check-{tag}-tests.log").read_text(errors="replace")
+        result |= {"stopped": result["rc"] is None, "passed_so_far": len(re.findall(r" PASSED ", log)),
+                   "failed": re.findall(r" (?:FAILED|ERROR) (tests/\S+)", log)}
     return result
 
 
 # ---------------------------------------------------------------- sanitizer
 
 def run_sanitizer() -> dict:
+    import shutil
+
+    if shutil.which("compute-sanitizer") is None:
+        return {"error": "compute-sanitizer is not on the PATH"}
     results = {}
     for tool in SANITIZER_TOOLS:
         r = _run(["compute-sanitizer", f"--tool={tool}", "--error-exitcode=9", sys.executable,
@@ -147,6 +184,14 @@ FLOORS = {
     "all_pairs": lambda a, b: ("tf32_flop", 2.0 * a["n_obs"] ** 2 * a["n_pcs"]),  # every product
     # 200 epochs, each edge's head, tail (int32) and four float64 schedules read once
     "epochs": lambda a, b: ("bytes", 200 * 40 * a["edges"]),
+    # each Lanczos product reads the graph (float32 value, int32 index) once; at least n_comps=15
+    "graph_products": lambda a, b: ("bytes", 15 * 8 * a["edges"]),
+    # every pair of cells: two differences, squares, a sum, an exponential (about 10 flop)
+    "all_pairs_2d": lambda a, b: ("fp32_flop", 10.0 * a["n_obs"] ** 2),
+    # each of the 10 Harmony iterations reads Z (n x 50) and reads and writes R (n x 100), float32
+    "harmony_passes": lambda a, b: ("bytes", 10 * 4 * a["n_obs"] * (50 + 2 * 100)),
+    # the kNN of observed and simulated cells (3n at sim_doublet_ratio 2) among themselves, 30 PCs
+    "scrublet_pairs": lambda a, b: ("tf32_flop", 2.0 * (3 * a["n_obs"]) ** 2 * 30),
     "none": lambda a, b: (None, None),
 }
 
@@ -172,14 +217,39 @@ def _steps(on_gpu: bool):
         ("neighbors", lambda a: gpusc.pp.neighbors(a, device=device), "all_pairs"),
         ("umap", lambda a: gpusc.tl.umap(a, device=device), "epochs"),
         ("leiden", lambda a: gpusc.tl.leiden(a, device=device), "none"),
+        # issue 14's steps, on the pipeline's graph, UMAP and PCs
+        ("diffmap", lambda a: gpusc.tl.diffmap(a, device=device), "graph_products"),
+        ("embedding_density", lambda a: gpusc.tl.embedding_density(a, basis="umap", device=device), "all_pairs_2d"),
+        ("harmony_integrate", lambda a: gpusc.pp.harmony_integrate(a, "batch", device=device, verbose=False),
+         "harmony_passes"),
+        # t-SNE runs on the GPU through cuML only (else sklearn's Barnes-Hut on the host: hours at 1M)
+        ("tsne", lambda a: gpusc.tl.tsne(a, device=device), "all_pairs"),
+        # on the counts kept aside (``a.uns["_counts"]``); 35 neighbours (k_adj 105) keep the kNN on
+        # the device (scanpy's default, 0.5 sqrt(n) = 500 at 1M cells, goes to the host search)
+        ("scrublet", lambda a: gpusc.pp.scrublet(_counts_of(a), n_neighbors=35, verbose=False), "scrublet_pairs"),
     ]
 
 
-RATES = {"bytes": "copy_bytes_per_s", "fp64_flop": "fp64_flop_per_s", "tf32_flop": "tf32_flop_per_s"}
+def _counts_of(adata):
+    """The raw counts kept aside before the pipeline, as an AnnData where they live."""
+    import anndata as ad
+
+    return ad.AnnData(X=adata.uns["_counts"].copy())
+
+
+RATES = {"bytes": "copy_bytes_per_s", "fp64_flop": "fp64_flop_per_s", "fp32_flop": "fp32_flop_per_s",
+         "tf32_flop": "tf32_flop_per_s"}
 
 
 def run_timings(n_cells: int, on_gpu: bool, steps: list[str] | None) -> dict:
+    """Every step once after a small warm-up. Each row is printed as it ends (``ROW {json}``),
+    so that a part stopped at its time limit still returns the rows it finished; a step that
+    raises is recorded with its error and the next one runs."""
+    import importlib.util
+    import traceback
     import warnings
+
+    import numpy as np
 
     import gpusc
     from gpusc._bench import DevicePeak, synchronize
@@ -190,45 +260,60 @@ def run_timings(n_cells: int, on_gpu: bool, steps: list[str] | None) -> dict:
         except Exception as err:  # no RMM on this machine: CuPy's own pool
             print(f"RMM pool not configured ({err}); CuPy's default pool", flush=True)
     refs = _references(on_gpu)
-    chosen = [s for s in _steps(on_gpu) if steps is None or s[0] in steps]
+    print("REFS " + json.dumps(refs), flush=True)
+    # steps whose GPU path is a RAPIDS library: without it they run scanpy's host path, minutes
+    # at 1M cells, so they are left out unless named in --steps
+    needs = {"tsne": "cuml", "leiden": "pylibcugraph"}
+    missing = [name for name, lib in needs.items() if on_gpu and importlib.util.find_spec(lib) is None]
+    chosen = [s for s in _steps(on_gpu) if (s[0] in steps if steps is not None else s[0] not in missing)]
 
     def pipeline(n, report):
         start = time.perf_counter()
         adata = gpusc.datasets.synthetic(n, 20_000, density=0.05, seed=0)
+        adata.obs["batch"] = np.random.default_rng(0).integers(0, 4, n).astype(str)
+        adata.obs["batch"] = adata.obs["batch"].astype("category")
         made = time.perf_counter() - start
         if on_gpu:
             gpusc.get.anndata_to_GPU(adata)
+        adata.uns["_counts"] = adata.X.copy()
         rows = []
         for name, call, floor in chosen:
             before = _sizes(adata)
+            error = None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 synchronize(on_gpu)
                 with DevicePeak(on_gpu) as peak:
                     t0 = time.perf_counter()
-                    call(adata)
-                    synchronize(on_gpu)
+                    try:
+                        call(adata)
+                        synchronize(on_gpu)
+                    except Exception:
+                        error = traceback.format_exc(limit=6)[-1500:]
                     seconds = time.perf_counter() - t0
             kind, amount = FLOORS[floor](before, _sizes(adata))
             row = {"step": name, "shape_in": [before["n_obs"], before["n_vars"]], "seconds": round(seconds, 4),
                    "device_peak_gib": None if peak.peak is None else round(peak.peak / 2**30, 3)}
+            if error:
+                row["error"] = error
             rate = refs.get(RATES[kind]) if kind else None
-            if kind is not None:
+            if kind is not None and not error:
                 row |= {"floor": floor, "floor_kind": kind, "floor_amount": amount,
                         "achieved_per_s": amount / seconds if seconds > 0 else None,
                         "floor_seconds": amount / rate if rate else None,
                         "seconds_over_floor": round(seconds * rate / amount, 2) if rate and amount else None}
             rows.append(row)
             if report:
+                print("ROW " + json.dumps(row), flush=True)
                 over = f"  floor {row['floor_seconds']:.4f} s  x{row['seconds_over_floor']}" \
                     if row.get("floor_seconds") else ""
-                print(f"{name:34s} {seconds:9.3f} s{over}", flush=True)
+                print(f"{name:34s} {seconds:9.3f} s{over}{'  FAILED' if error else ''}", flush=True)
         return made, rows
 
     pipeline(2_000, report=False)  # warm-up: NVRTC and numba compilation, not timed
     made, rows = pipeline(n_cells, report=True)
     return {"cells": n_cells, "genes": 20_000, "density": 0.05, "data_seconds": round(made, 2),
-            "references": refs, "steps": rows,
+            "references": refs, "steps": rows, "left_out_no_rapids": missing,
             "method": "one call per step after a 2,000-cell warm-up; synchronised before and after; "
                       "floors: the bytes a step must move at the measured copy bandwidth, or its "
                       "flop at the measured GEMM rate (FLOORS in this file)"}
@@ -264,21 +349,28 @@ def main(argv=None) -> int:
               flush=True)
     if "sanitizer" in parts and on_gpu:
         record["parts"]["sanitizer"] = run_sanitizer()
-        print("sanitizer:", {t: r["errors"] for t, r in record["parts"]["sanitizer"].items()}, flush=True)
+        print("sanitizer:", {t: r.get("errors") if isinstance(r, dict) else r
+                             for t, r in record["parts"]["sanitizer"].items()}, flush=True)
     if "timings" in parts:
         cmd = [sys.executable, __file__, "--timings-only", "--cells", str(args.cells), "--device", args.device]
         if args.steps:
             cmd += ["--steps", args.steps]
-        r = _run(cmd, LIMITS["timings"])
+        r = _run(cmd, LIMITS["timings"], keep_output=True, log=out / f"gpu-check-{tag}-timings.log")
         lines = [line for line in r["output_tail"].splitlines() if line.startswith("{")]
-        record["parts"]["timings"] = json.loads(lines[-1]) if lines and r["rc"] == 0 else r
-        print(r["output_tail"] if r["rc"] != 0 else "\n".join(
-            line for line in r["output_tail"].splitlines() if not line.startswith("{")), flush=True)
+        if lines and r["rc"] == 0:
+            r.pop("output_full")
+            record["parts"]["timings"] = json.loads(lines[-1])
+        else:  # stopped or failed: the rows it finished
+            full = r.pop("output_full")
+            r["steps"] = [json.loads(line[4:]) for line in full.splitlines() if line.startswith("ROW ")]
+            record["parts"]["timings"] = r
+        print("\n".join(line for line in r["output_tail"].splitlines()
+                        if not line.startswith(("{", "ROW ", "REFS "))), flush=True)
     path = out / f"gpu-check-{tag}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {path}")
     failed = (record["parts"].get("tests", {}).get("failures", 0) or record["parts"].get("tests", {}).get("errors", 0)
-              or any(r.get("errors") for r in record["parts"].get("sanitizer", {}).values()))
+              or any(isinstance(r, dict) and r.get("errors") for r in record["parts"].get("sanitizer", {}).values()))
     return 1 if failed else 0
 
 

@@ -40,7 +40,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LIMITS = {"tests": 240, "sanitizer": 100, "timings": 300}  # seconds per part (per tool for the sanitizer)
+LIMITS = {"tests": 220, "sanitizer": 100, "timings": 290}  # seconds per part (per tool for the sanitizer)
 SANITIZER_TOOLS = ("memcheck", "racecheck")
 
 
@@ -71,32 +71,44 @@ def _run(cmd: list[str], limit: float, env: dict | None = None, keep_output: boo
 
 # ---------------------------------------------------------------- tests
 
+# Tests that set up the device's allocator (an RMM pool of 80 % of the free memory, managed
+# memory, a LocalCUDACluster's pools): run alone after the others, which share the GPU.
+SERIAL_TESTS = ("tests/test_memory.py", "tests/test_dask_get_memory.py")
+
+
 def run_tests(out: Path, tag: str) -> dict:
-    junit = out / f"gpu-check-{tag}-tests.xml"
+    """``pytest -m gpu``: the suite on pytest-xdist's workers where it is installed (the
+    oracles are host work), then SERIAL_TESTS in one process; both within LIMITS["tests"]."""
     import importlib.util
 
-    extra = []
-    if importlib.util.find_spec("xdist"):  # one GPU, many host cores: the oracles run on the CPU
-        extra += ["-n", str(min(12, os.cpu_count() or 1))]
-    if importlib.util.find_spec("pytest_timeout"):  # one hung test must not take the whole part
-        extra += ["--timeout=120"]
-    result = _run([sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", *extra,
-                   "-rfE", "--tb=short", "-v",
-                   f"--junitxml={junit}", "tests"], LIMITS["tests"], {"GPUSC_REQUIRE_GPU": "1"},
-                  log=out / f"gpu-check-{tag}-tests.log")
-    if junit.exists():
-        suite = ET.parse(junit).getroot()
-        suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
-        result |= {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-        result["failed"] = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
-                            if case.find("failure") is not None or case.find("error") is not None]
-        int64 = [case for case in suite.iter("testcase") if "test_int64_indices" in case.get("classname", "")]
-        result["int64_parity"] = {"tests": len(int64), "failed": sum(
-            case.find("failure") is not None or case.find("error") is not None for case in int64)}
-    else:  # stopped at the limit: the verdicts printed so far (-v)
-        log = (out / f"gpu-check-{tag}-tests.log").read_text(errors="replace")
-        result |= {"stopped": result["rc"] is None, "passed_so_far": len(re.findall(r" PASSED ", log)),
-                   "failed": re.findall(r" (?:FAILED|ERROR) (tests/\S+)", log)}
+    workers = []
+    if importlib.util.find_spec("xdist"):
+        workers = ["-n", str(min(12, os.cpu_count() or 1))]
+    timeout = ["--timeout=120"] if importlib.util.find_spec("pytest_timeout") else []  # one hung test
+    runs = {"parallel": [*workers, *(f"--ignore={path}" for path in SERIAL_TESTS), "tests"],
+            "serial": list(SERIAL_TESTS)}
+    result, deadline = {}, time.perf_counter() + LIMITS["tests"]
+    for name, args in runs.items():
+        junit, log = out / f"gpu-check-{tag}-tests-{name}.xml", out / f"gpu-check-{tag}-tests-{name}.log"
+        r = _run([sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-rfE", "--tb=short",
+                  "-v", *timeout, f"--junitxml={junit}", *args], max(deadline - time.perf_counter(), 10),
+                 {"GPUSC_REQUIRE_GPU": "1"}, log=log)
+        if junit.exists():
+            suite = ET.parse(junit).getroot()
+            suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
+            r |= {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+            r["failed"] = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
+                           if case.find("failure") is not None or case.find("error") is not None]
+            int64 = [case for case in suite.iter("testcase") if "test_int64_indices" in case.get("classname", "")]
+            r["int64_parity"] = {"tests": len(int64), "failed": sum(
+                case.find("failure") is not None or case.find("error") is not None for case in int64)}
+        else:  # stopped at the limit: the verdicts printed so far (-v)
+            text = log.read_text(errors="replace")
+            r |= {"stopped": r["rc"] is None, "passed_so_far": len(re.findall(r" PASSED ", text)),
+                  "failed": re.findall(r" (?:FAILED|ERROR) (tests/\S+)", text)}
+        result[name] = r
+    for k in ("tests", "failures", "errors", "skipped"):
+        result[k] = sum(r.get(k, 0) for r in result.values() if isinstance(r, dict))
     return result
 
 

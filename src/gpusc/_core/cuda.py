@@ -93,5 +93,11 @@ def get_kernel(family: str, names: tuple[str, ...], name: str):
 
 
 def launch(kernel, grid: int, block: int, args: tuple, shared_mem: int = 0) -> None:
-    """Launch on CuPy's current stream; ``args`` must already hold exact dtypes."""
-    kernel((max(int(grid), 1),), (int(block),), args, shared_mem=shared_mem)
+    """Launch on CuPy's current stream; ``args`` must already hold exact dtypes.
+
+    No blocks, no launch: a kernel of one block per row or per tile has nothing to do for an
+    empty input (an empty dask chunk), and a block launched anyway reads and writes past its
+    empty arrays (an illegal address on the H200 with a 0-row int64 CSR chunk)."""
+    if int(grid) <= 0:
+        return
+    kernel((int(grid),), (int(block),), args, shared_mem=shared_mem)

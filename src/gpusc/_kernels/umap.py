@@ -410,6 +410,8 @@ def spectral_init_device(graph: DeviceGraph, dim: int):
     inv_sqrt = 1.0 / cp.sqrt(deg)
     d = cpsparse.diags(inv_sqrt)
     m = d @ a @ d
-    vals, vecs = cplinalg.eigsh(m, k=dim + 1, which="LA", tol=1e-4, maxiter=n * 5)
+    # umap-learn's start vector (ones): cupyx's default is cupy.random's unseeded draw, which
+    # made two runs on the same graph differ (seen on an H200)
+    vals, vecs = cplinalg.eigsh(m, k=dim + 1, which="LA", v0=cp.ones(n, cp.float64), tol=1e-4, maxiter=n * 5)
     order = cp.argsort(vals)[::-1][1:dim + 1]  # largest of M = smallest of the Laplacian
     return vecs[:, order].get()  # synchronize!

@@ -286,6 +286,15 @@ def assert_csr_close(ours, ref, *, rtol, atol=0.0):
     assert diff.max() <= atol + rtol * scale, f"max abs difference {diff.max()}"
 
 
+def _umap_rtol(device: str) -> float:
+    """umap connectivities' tolerance. On the host 1e-6 (measured 1.2e-7). On the GPU 1e-5,
+    umap-learn's own SMOOTH_K_TOLERANCE: each cell's sigma is a binary search that stops once
+    the membership sum is within 1e-5 of log2(k), and CUDA's expf rounds differently from the
+    host's, so the search may stop at another sigma inside that window (measured on an H200:
+    2.1e-6 to 3.2e-6 of the largest connectivity)."""
+    return 1e-5 if device == "gpu" else 1e-6
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", CONNECTIVITY_METHODS)
 @pytest.mark.parametrize("metric", METRICS)
@@ -303,7 +312,7 @@ def test_neighbors_equals_scanpy_sklearn(metric, method, device):
     assert c.dtype == rc.dtype
     # measured: umap 1.2e-7, one float32 step at 1 (umap-learn's numba and ours sum the
     # memberships in another order); gauss 1.1e-13 (float64); jaccard 0 (counts)
-    assert_csr_close(c, rc, rtol=1e-6 if method == "umap" else 1e-12)
+    assert_csr_close(c, rc, rtol=_umap_rtol(device) if method == "umap" else 1e-12)
 
 
 @pytest.mark.parametrize("method", CONNECTIVITY_METHODS)
@@ -325,7 +334,7 @@ def test_connectivities_from_the_same_knn(pbmc_pca, dtype, device, method):
     else:
         ref = sc_connectivity.jaccard(idx, n_obs=n, n_neighbors=k)
     # measured: umap 1.2e-7 (float32 sums in another order, as above); gauss, jaccard 0
-    assert_csr_close(ours, ref.tocsr(), rtol=1e-6 if method == "umap" else 1e-12)
+    assert_csr_close(ours, ref.tocsr(), rtol=_umap_rtol(device) if method == "umap" else 1e-12)
     np.testing.assert_array_equal(adata.obsp[f"{method}_distances"].indices, idx[:, 1:].ravel())
 
 

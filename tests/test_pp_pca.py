@@ -524,9 +524,9 @@ def test_device_cuml_solver(pbmc):
 def test_device_peak_memory_sparse():
     """Sparse input is never densified: the peak stays near n_vars² doubles, not n_obs × n_vars."""
     import cupy as cp
-    from cupy.cuda import memory_hooks
+    from cupy.cuda import MemoryHook  # the base class (cupy.cuda.memory_hooks holds CuPy's own hooks)
 
-    class Peak(memory_hooks.MemoryHook):
+    class Peak(MemoryHook):
         name = "peak"
 
         def __init__(self):

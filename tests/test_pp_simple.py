@@ -341,6 +341,8 @@ ARRAY_INPUTS = {
 )
 def test_log1p_array_input(fmt, dtype, base):
     """A bare matrix returns the log-transformed matrix, as scanpy's (same dtype: ints become float64)."""
+    if fmt == "cupy-csr_matrix" and np.dtype(dtype).kind in "iu":
+        pytest.skip("no such input: cupyx sparse matrices hold no integers (bool, float, complex only)")
     x = synthetic_counts(120, 90, dtype=np.float64, seed=32).astype(dtype)
     host = ARRAY_INPUTS[fmt.removeprefix("cupy-")](x.copy())
     x_test = to_device(host) if fmt.startswith("cupy-") else host.copy()

@@ -304,19 +304,26 @@ def test_gpu_umap(pbmc, scanpy_umap, ours_cpu):
 
 
 @pytest.mark.gpu
-def test_gpu_optimiser_matches_twin():
-    """Same start, graph and seed: the kernel and the twin draw the same samples."""
+@pytest.mark.parametrize("n_epochs", [1, 2])
+def test_gpu_optimiser_matches_twin(n_epochs):
+    """Same start, graph and seed: the kernel and the twin draw the same samples and make
+    the same moves. Compared after one and two epochs: CUDA's powf and nvcc's contracted
+    multiply-adds round differently from the host's, and the SGD amplifies such differences
+    epoch by epoch (after 50 epochs on an H200 coordinates differed by up to 5.9 on a layout
+    10 wide), so later epochs cannot be compared point by point; a wrong sample or move
+    shows at once. The tolerance: moves are clipped at 4, rounding is ~1e-7 of that."""
     import scipy.sparse as sp
 
     rng = np.random.default_rng(0)
     g = sp.random(300, 300, density=0.05, random_state=1, format="coo")
     g = sp.coo_matrix(g + g.T)
-    eps = _kumap.epochs_per_sample(g.data, 50)
+    eps = _kumap.epochs_per_sample(g.data, n_epochs)
     start = rng.uniform(0, 10, (300, 2)).astype(np.float32)
-    args = (start, g.row, g.col, eps, 50, 0.58, 1.33, 1.0, 1.0, 5, 11)
+    args = (start, g.row, g.col, eps, n_epochs, 0.58, 1.33, 1.0, 1.0, 5, 11)
     host = _kumap.optimize_layout_host(*args)
     dev = _kumap.optimize_layout_device(*args)
-    np.testing.assert_allclose(dev, host, atol=1e-3)
+    assert not np.array_equal(host, start)  # the epochs moved the points
+    np.testing.assert_allclose(dev, host, rtol=0, atol=1e-4)
 
 
 # ---------------------------------------------------------------- the graph preparation (host)

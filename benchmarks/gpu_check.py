@@ -114,18 +114,27 @@ def run_tests(out: Path, tag: str) -> dict:
 
 # ---------------------------------------------------------------- sanitizer
 
-def run_sanitizer() -> dict:
+def run_sanitizer(out: Path, tag: str, tools=SANITIZER_TOOLS) -> dict:
     import shutil
 
     if shutil.which("compute-sanitizer") is None:
         return {"error": "compute-sanitizer is not on the PATH"}
     results = {}
-    for tool in SANITIZER_TOOLS:
+    for tool in tools:
+        log = out / f"gpu-check-{tag}-{tool}.log"
         r = _run(["compute-sanitizer", f"--tool={tool}", "--error-exitcode=9", sys.executable,
-                  "benchmarks/gpu_sanitize.py"], LIMITS["sanitizer"])
-        found = re.findall(r"ERROR SUMMARY: (\d+) error", r["output_tail"])
+                  "benchmarks/gpu_sanitize.py"], LIMITS["sanitizer"], log=log)
+        text = log.read_text(errors="replace")
+        # memcheck: "ERROR SUMMARY: N errors"; racecheck: "RACECHECK SUMMARY: N hazards displayed
+        # (E errors, W warnings)"
+        found = re.findall(r"ERROR SUMMARY: (\d+) error", text) or re.findall(r"\((\d+) errors?, \d+ warnings?\)", text)
         r["errors"] = int(found[-1]) if found else None
-        r["families_done"] = re.findall(r"family (\w+): ok", r["output_tail"])
+        warned = re.findall(r"\(\d+ errors?, (\d+) warnings?\)", text)
+        r["warnings"] = int(warned[-1]) if warned else 0
+        # where the hazards are: the kernels named in the report, and how often
+        kernels = re.findall(r"access at (?:void )?([A-Za-z_][\w:]*)", text)
+        r["hazard_kernels"] = {k: kernels.count(k) for k in sorted(set(kernels))}
+        r["families_done"] = re.findall(r"family (\w+): ok", text)
         results[tool] = r
     return results
 
@@ -337,6 +346,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cells", type=int, default=1_000_000)
     parser.add_argument("--steps", default=None, help="comma list of timing steps (default: all)")
     parser.add_argument("--device", choices=["gpu", "cpu"], default="gpu")
+    parser.add_argument("--sanitizers", default=",".join(SANITIZER_TOOLS), help="compute-sanitizer tools")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--timings-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -360,7 +370,7 @@ def main(argv=None) -> int:
         print("tests:", {k: record["parts"]["tests"].get(k) for k in ("tests", "failures", "errors", "skipped")},
               flush=True)
     if "sanitizer" in parts and on_gpu:
-        record["parts"]["sanitizer"] = run_sanitizer()
+        record["parts"]["sanitizer"] = run_sanitizer(out, tag, args.sanitizers.split(","))
         print("sanitizer:", {t: r.get("errors") if isinstance(r, dict) else r
                              for t, r in record["parts"]["sanitizer"].items()}, flush=True)
     if "timings" in parts:

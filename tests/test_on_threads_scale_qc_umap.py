@@ -253,6 +253,25 @@ def test_qc(qc_device, layout, value_type, index_type):
     assert got[0][3] == got[3][3].sum() == 0  # the empty row
 
 
+@pytest.mark.parametrize(("layout", "index_type"), [("csr", np.int32), ("csr", np.int64), ("dense", None)])
+def test_qc_empty_chunk(qc_device, layout, index_type):
+    """A chunk of no rows (a dask array's empty chunk): no block is launched, and the
+    launcher returns the twin's empty arrays (on an H200 a block launched anyway read past
+    the one-entry indptr: an illegal address; then the reshape of 0 rows failed)."""
+    n_cols = 45
+    if layout == "dense":
+        x = np.zeros((0, n_cols), np.float64)
+    else:
+        x = (np.zeros(0, np.float64), np.zeros(0, index_type), np.zeros(1, index_type), (0, n_cols))
+    masks = np.random.default_rng(12).random((n_cols, 6)) < 0.3
+    ns = np.array([20, 1, 5])
+    got = qc_device(x, masks, ns)
+    expected = _qc_host(x, masks, ns)
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(g, e)
+    assert got[2].shape == (0, 6) and got[3].shape == (0, 3)
+
+
 @pytest.mark.parametrize("value_type", V_TYPES)
 def test_qc_top_equals_row_and_no_qc_vars(qc_device, value_type):
     # dense rows of exactly top_n values (the copy branch, cap 16 > 10 padded with zeros),

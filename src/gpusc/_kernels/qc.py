@@ -154,7 +154,8 @@ def qc_rows_device(data, indices, indptr, shape, qc_masks, ns):
             row_total if first else null, row_nnz if first else null, row_qc[g], row_top, flags,
         ), shared_mem=shared if first else 0)
     flag = int(flags.get()[0])  # synchronize!
-    row_qc = row_qc.get().transpose(1, 0, 2).reshape(n_rows, -1)[:, :n_qc]
+    # explicit width: numpy cannot infer -1 for an empty chunk (0 rows)
+    row_qc = row_qc.get().transpose(1, 0, 2).reshape(n_rows, row_qc.shape[0] * QC_VARS_PER_PASS)[:, :n_qc]
     return row_total.get(), row_nnz.get(), row_qc, row_top.get()[:, : ns.size], flag
 
 

@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
-# The first thing to run on a new GPU (about 10 minutes): the GPU-marked tests (int64 parity
-# included), compute-sanitizer memcheck and racecheck on every kernel family, and the 1M-cell
-# timings of every pipeline step against their floors. Raw JSON: gpu-check-<device>.json.
+# The first thing to run on a new GPU: the GPU-marked tests (int64 parity included),
+# compute-sanitizer memcheck and racecheck on every kernel family, and the 1M-cell timings of
+# every pipeline step against their floors. Raw JSON: gpu-check-<device>.json. On an H200
+# (2026-12-04): --parts tests,timings took 279 s with the set-up, --parts sanitizer 131 s, so
+# two device calls back to back (a call may run 10 minutes; each part has its own limit).
 #
 # On this workplace's device machine, from the project root:
 #   ../shared/tools/device-prep dask==2026.7.1 distributed==2026.7.1 'dask-cuda==26.10.*' \
-#       cuda-core cuda-pathfinder toolz cloudpickle partd locket fsspec msgpack sortedcontainers \
-#       tblib zict tornado psutil nvidia-ml-py click jinja2 markupsafe pyyaml
-#                                                    # here, once: wheels and data into .device/;
-#                                                    # with dask, distributed and dask-cuda (the dask
-#                                                    # version dask-cuda 26.10 pins) for the dask
-#                                                    # twins: the device image has none (all
-#                                                    # downloadable here, checked; unrun on a device)
-#   device run, carry [".device"]:  source .device/setup.sh && bash benchmarks/gpu_check.sh
+#       partd locket tblib zict tornado harmonypy==2.1.0 bbknn==1.6.0 msgspec google-crc32c \
+#       scverse-misc pydantic pydantic-core pydantic-settings python-dotenv typing-inspection \
+#       annotated-types wcwidth typing-extensions
+#   cp ~/.cache/pip/wheels/*/*/*/*/annoy-*.whl .device/whl/   # bbknn's annoy has no binary
+#                                                    # wheel: build one here (pip wheel annoy)
+#                                                    # here, once: wheels and data into .device/.
+#                                                    # The device image (KINDS.md) lacks these:
+#                                                    # zarr 3.4 needs msgspec and google-crc32c,
+#                                                    # anndata 0.13 scverse-misc[settings]
+#                                                    # (pydantic...); the rest are the dask
+#                                                    # twins' and the oracles' (used 2026-12-04
+#                                                    # on an H200: the set that imports)
+#   device run, carry [".device"]:  source .device/setup.sh; bash benchmarks/gpu_check.sh --parts tests,timings
+#   then at once (the machine stays warm 30 s):     ... --parts sanitizer
 # The results come back from $OUT; commit them under benchmarks/results/.
 # On any other machine with a GPU: make test-gpu's venv, then
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh

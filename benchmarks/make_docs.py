@@ -220,8 +220,9 @@ HEADER = """# Benchmarks
 
 Every number here comes from a JSON file in `benchmarks/results/`, written by the scripts
 in `benchmarks/` (`bash benchmarks/run_cpu.sh` runs them all; this page is made by
-`python benchmarks/make_docs.py`). No GPU numbers yet: the runs below are CPU-only
-(gpusc's numba kernels against scanpy), on a shared 2-core development VM.
+`python benchmarks/make_docs.py`). The runs are CPU-only (gpusc's numba kernels against
+scanpy, on a shared 2-core development VM) except the last section: the first GPU run
+(an NVIDIA H200, `benchmarks/gpu_check.sh`), gpusc alone.
 
 ## Method (`gpusc bench`, src/gpusc/_bench.py)
 
@@ -248,9 +249,58 @@ in `benchmarks/` (`bash benchmarks/run_cpu.sh` runs them all; this page is made 
 - `gpusc run` (the whole pipeline once, as a user runs it) is not a benchmark: its
   per-step seconds include first-call numba/NVRTC compilation.
 
-Not measured yet: anything on a GPU (gpusc's CUDA kernels, device memory peaks, the
-GPU paths of neighbors/umap/leiden), and rapids-singlecell (not installed here).
+Not measured yet: scanpy or rapids-singlecell side by side with gpusc on a GPU machine (the
+H200 section is gpusc alone, against floors), the GPU paths that need pylibcugraph or cuML
+(leiden, tsne: not on the device image), and rapids-singlecell (not installed here).
 """
+
+
+def gpu_check_section(record: dict, stem: str) -> list[str]:
+    """The first GPU run: tests, sanitizer (gpu-h200-sanitizer.json), the rerun of the failed
+    tests (gpu-h200-rerun.json) and the 1M-cell timings against their floors."""
+    tests, timings = record["parts"]["tests"], record["parts"]["timings"]
+    refs = timings["references"]
+    lines = [f"## First GPU run: {record['machine']['gpu']}, 1M cells (`{stem}.json`)", "",
+             f"- machine: {_machine(record)}; run {record['time']}",
+             f"- versions: {_versions(record)}",
+             f"- references (measured in the run): copy {refs['copy_bytes_per_s'] / 1e12:.2f} TB/s (CuPy's copy "
+             f"of 2 GiB, bytes read + written), GEMM FP64 {refs['fp64_flop_per_s'] / 1e12:.0f}, FP32 "
+             f"{refs['fp32_flop_per_s'] / 1e12:.0f}, TF32 {refs['tf32_flop_per_s'] / 1e12:.0f} TFLOP/s. "
+             "KINDS.md records 4.3 TB/s for PyTorch's copy on such a machine: against that the "
+             "bytes-bound ratios below would be 2.6x larger.",
+             f"- GPU tests (`pytest -m gpu`, 12 xdist workers, then the allocator tests alone): "
+             f"{tests['tests']} tests, {tests['failures']} failed, {tests['errors']} error, "
+             f"{tests['skipped']} skipped, {tests['parallel']['seconds'] + tests['serial']['seconds']:.0f} s. "
+             "Two bugs: an empty dask chunk launched a qc block past its arrays (an illegal address "
+             "that failed the next 47 tests of that worker), cupyx's eigsh started from an unseeded random "
+             "vector (two GPU UMAPs differed); the rest were wrong test expectations (the twin optimiser compared after 50 "
+             "chaotic epochs, umap connectivities held to 1e-6 where the search tolerance is 1e-5, NaN in "
+             "object columns, dense X after scale, int64 cupyx sparse input, cupy.cuda.MemoryHook).",
+             ]
+    rerun = _load("gpu-h200-rerun.json")
+    if rerun is not None:
+        v = list(rerun["verdicts"].values())
+        lines.append(f"- rerun of the failed tests after the fixes (`gpu-h200-rerun.json`): {v.count('passed')} "
+                     f"passed, {v.count('failed')} failed; {rerun['summary'].split('; ', 1)[1]}.")
+    san = _load("gpu-h200-sanitizer.json")
+    if san is not None:
+        mem, race = san["parts"]["sanitizer"]["memcheck"], san["parts"].get("racecheck_rerun")
+        lines.append(f"- compute-sanitizer over every kernel family (`gpu-h200-sanitizer.json`): memcheck "
+                     f"{mem['errors']} errors ({len(mem['families_done'])} families)" + (
+                         f"; racecheck {race['errors']} errors, {race['warnings']} warnings, all in library "
+                         f"kernels: {', '.join(race['hazard_kernels'])}" if race else ""))
+    lines += ["", f"Every step once on {timings['cells_requested']:,} model-drawn cells x "
+              f"{timings['genes']:,} genes ({timings['density']:.0%} stored) after a 2,000-cell warm-up; "
+              "floors as benchmarks/gpu_check.py's FLOORS (bytes at the copy rate, or flop at the GEMM "
+              f"rate). Left out (no pylibcugraph / cuML on the device): {', '.join(timings['left_out_no_rapids'])}.", "",
+              "| step | cells in | seconds | floor (s) | x floor | device peak (GiB) |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in timings["steps"]:
+        floor = f"{r['floor_seconds']:.4f}" if r.get("floor_seconds") else "-"
+        over = f"{r['seconds_over_floor']:.1f}" if r.get("seconds_over_floor") else "-"
+        lines.append(f"| {r['step']} | {r['shape_in'][0]:,} | {r['seconds']:.3f} | {floor} | {over} | "
+                     f"{r['device_peak_gib']} |")
+    return lines + [""]
 
 
 def main() -> int:
@@ -260,7 +310,8 @@ def main() -> int:
                           ("cpu-dev-pca-neighbors-50k", pca_neighbors_section),
                           ("cpu-dev-graph-host-1000k", graph_host_section),
                           ("cpu-dev-synthetic-200k", synthetic_section),
-                          ("cpu-dev-first-run-20k", first_run_section)):
+                          ("cpu-dev-first-run-20k", first_run_section),
+                          ("gpu-h200-check", gpu_check_section)):
         record = _load(f"{stem}.json")
         if record is not None:
             if "runs" in record:  # the plot is redrawn from the JSON

@@ -272,10 +272,12 @@ def gpu_check_section(record: dict, stem: str) -> list[str]:
              f"{tests['tests']} tests, {tests['failures']} failed, {tests['errors']} error, "
              f"{tests['skipped']} skipped, {tests['parallel']['seconds'] + tests['serial']['seconds']:.0f} s. "
              "Two bugs: an empty dask chunk launched a qc block past its arrays (an illegal address "
-             "that failed the next 47 tests of that worker), cupyx's eigsh started from an unseeded random "
-             "vector (two GPU UMAPs differed); the rest were wrong test expectations (the twin optimiser compared after 50 "
-             "chaotic epochs, umap connectivities held to 1e-6 where the search tolerance is 1e-5, NaN in "
-             "object columns, dense X after scale, int64 cupyx sparse input, cupy.cuda.MemoryHook).",
+             "that failed the next 47 tests of that worker), cupyx's eigsh started from an unseeded "
+             "random vector (two GPU UMAPs differed); the rest were wrong test expectations (the twin "
+             "optimiser compared after 50 chaotic epochs, umap connectivities held to 1e-6 where the "
+             "search tolerance is 1e-5, NaN in object columns, dense X after scale, int64 cupyx sparse "
+             "input, cupy.cuda.MemoryHook). The error: test_notebooks imports nbformat, not on the "
+             "device (it has no GPU test; gpu_check leaves it out now).",
              ]
     rerun = _load("gpu-h200-rerun.json")
     if rerun is not None:
@@ -292,7 +294,8 @@ def gpu_check_section(record: dict, stem: str) -> list[str]:
     lines += ["", f"Every step once on {timings['cells_requested']:,} model-drawn cells x "
               f"{timings['genes']:,} genes ({timings['density']:.0%} stored) after a 2,000-cell warm-up; "
               "floors as benchmarks/gpu_check.py's FLOORS (bytes at the copy rate, or flop at the GEMM "
-              f"rate). Left out (no pylibcugraph / cuML on the device): {', '.join(timings['left_out_no_rapids'])}.", "",
+              "rate). Left out (no pylibcugraph / cuML on the device): "
+              f"{', '.join(timings['left_out_no_rapids'])}.", "",
               "| step | cells in | seconds | floor (s) | x floor | device peak (GiB) |",
               "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in timings["steps"]:

@@ -224,6 +224,18 @@ def _qc_input(layout, value_type, index_type, n_rows, n_cols, *, integer=True, s
     return (data, indices, indptr, (n_rows, n_cols)), dense
 
 
+def _qc_equals_twin(qc_device, x, n_cols):
+    """The launcher on ``x`` with 6 qc_vars (two launches) and ns (20, 1, 5), checked equal
+    to the twin; returns (the masks, the launcher's arrays)."""
+    masks = np.random.default_rng(12).random((n_cols, 6)) < 0.3
+    ns = np.array([20, 1, 5])
+    got = qc_device(x, masks, ns)
+    expected = _qc_host(x, masks, ns)
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(g, e)
+    return masks, got
+
+
 QC_CASES = [("csr", v, i) for v in V_TYPES for i in I_TYPES] + [("dense", v, None) for v in V_TYPES]
 
 
@@ -237,12 +249,7 @@ def test_qc(qc_device, layout, value_type, index_type):
     if layout == "csr":  # rows with fewer stored values than top_n, with exactly top_n, with more
         lengths = np.diff(x[2])
         assert (lengths[lengths > 0] < 20).any() and (lengths == 20).any() and (lengths > 20).any()
-    masks = np.random.default_rng(12).random((n_cols, 6)) < 0.3
-    ns = np.array([20, 1, 5])
-    got = qc_device(x, masks, ns)
-    expected = _qc_host(x, masks, ns)
-    for g, e in zip(got, expected, strict=True):
-        np.testing.assert_array_equal(g, e)
+    masks, got = _qc_equals_twin(qc_device, x, n_cols)
     assert got[4] == 0
     # and the definition
     np.testing.assert_array_equal(got[0], dense.sum(axis=1))
@@ -263,12 +270,7 @@ def test_qc_empty_chunk(qc_device, layout, index_type):
         x = np.zeros((0, n_cols), np.float64)
     else:
         x = (np.zeros(0, np.float64), np.zeros(0, index_type), np.zeros(1, index_type), (0, n_cols))
-    masks = np.random.default_rng(12).random((n_cols, 6)) < 0.3
-    ns = np.array([20, 1, 5])
-    got = qc_device(x, masks, ns)
-    expected = _qc_host(x, masks, ns)
-    for g, e in zip(got, expected, strict=True):
-        np.testing.assert_array_equal(g, e)
+    _, got = _qc_equals_twin(qc_device, x, n_cols)
     assert got[2].shape == (0, 6) and got[3].shape == (0, 3)
 
 

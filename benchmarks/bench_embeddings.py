@@ -9,7 +9,7 @@ neighbors (15) and umap (not timed; --cache FILE keeps that AnnData between runs
 Agreement recorded: largest relative eigenvalue difference and smallest |cos| of eigenvectors
 with simple eigenvalues (diffmap); largest absolute density difference. On the CPU also where
 eigsh's time goes (diffmap_eigsh_breakdown): products asked by ARPACK, their seconds, and
-ARPACK's own seconds (the floor: scanpy runs the same ARPACK on the same matrix size).
+ARPACK's own seconds, in float64 (scanpy's solver) and float32 (gpusc's first step).
 
     python benchmarks/bench_embeddings.py [--cells 50000] [--repeats 3] [--cache FILE] [--out FILE]
 
@@ -73,36 +73,39 @@ def agreement(data: ad.AnnData, device: str) -> dict:
 
 
 def arpack_share(data: ad.AnnData, repeats: int) -> dict:
-    """Where diffmap's eigsh time goes on gpusc's matrix, BLAS on one thread as gpusc runs it:
-    ARPACK's products (counted, timed) and the rest (ARPACK's own reorthogonalisation and
-    restarts), best of ``repeats``."""
+    """Where diffmap's eigsh time goes: ARPACK on T in float64 (scanpy's solver on a matrix
+    of this size) and in float32 (gpusc's, before its float64 Rayleigh-Ritz step): the
+    products it asks for (counted, timed) and the rest (ARPACK's own reorthogonalisation and
+    restarts), best of ``repeats`` each."""
     from scipy.sparse.linalg import LinearOperator, eigsh
-    from threadpoolctl import threadpool_limits
 
     from gpusc.tl._diffmap import _connectivities, transition_matrix, transition_scale
 
     c = _connectivities(data, "neighbors", "diffmap")
-    t = transition_matrix(c, transition_scale(c))
+    t64 = transition_matrix(c, transition_scale(c))
     v0 = np.random.RandomState(0).standard_normal(c.shape[0])
-    best = None
-    for _ in range(repeats):
-        products = {"count": 0, "seconds": 0.0}
+    out = {}
+    for dtype in (np.float64, np.float32):
+        t = t64.astype(dtype)
+        best = None
+        for _ in range(repeats):
+            products = {"count": 0, "seconds": 0.0}
 
-        def matvec(x, products=products):
+            def matvec(x, products=products, t=t):
+                start = time.perf_counter()
+                y = t @ x
+                products["seconds"] += time.perf_counter() - start
+                products["count"] += 1
+                return y
+
             start = time.perf_counter()
-            y = t @ x
-            products["seconds"] += time.perf_counter() - start
-            products["count"] += 1
-            return y
-
-        start = time.perf_counter()
-        with threadpool_limits(1, user_api="blas"):
-            eigsh(LinearOperator(t.shape, matvec=matvec, dtype=np.float64), k=15, which="LM", v0=v0)
-        total = time.perf_counter() - start
-        if best is None or total < best["eigsh_seconds"]:
-            best = {"eigsh_seconds": total, "products": products["count"],
-                    "product_seconds": products["seconds"], "arpack_own_seconds": total - products["seconds"]}
-    return best
+            eigsh(LinearOperator(t.shape, matvec=matvec, dtype=dtype), k=15, which="LM", v0=v0.astype(dtype))
+            total = time.perf_counter() - start
+            if best is None or total < best["eigsh_seconds"]:
+                best = {"eigsh_seconds": total, "products": products["count"],
+                        "product_seconds": products["seconds"], "arpack_own_seconds": total - products["seconds"]}
+        out[np.dtype(dtype).name] = best
+    return out
 
 
 METHOD = ("one warm-up call each, then rounds of scanpy then gpusc on fresh copies (copies not "

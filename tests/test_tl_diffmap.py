@@ -83,6 +83,35 @@ def test_synthetic_graphs_as_scanpy(dtype, n_comps):
     assert _compare(ours, ref) >= n_comps - 4  # blobs: eigenvalue 1 and near-1 clusters aside
 
 
+@pytest.mark.parametrize("failure", ["no_convergence", "collapsed_basis"])
+def test_single_precision_fallback_as_scanpy(monkeypatch, failure):
+    """Where single-precision ARPACK fails (no convergence) or returns vectors that do not span
+    n_comps directions, float64 ARPACK runs instead: the result is scanpy's all the same."""
+    from scipy.sparse import linalg as splinalg
+
+    real_eigsh = splinalg.eigsh
+    calls = []
+
+    def eigsh(a, *args, **kwargs):
+        calls.append(a.dtype)
+        if a.dtype == np.float32:
+            if failure == "no_convergence":
+                raise splinalg.ArpackNoConvergence("stand-in", np.zeros(0), np.zeros((a.shape[0], 0)))
+            values, vectors = real_eigsh(a, *args, **kwargs)
+            vectors[:, 1] = vectors[:, 0]  # two equal columns: no longer 15 directions
+            return values, vectors
+        return real_eigsh(a, *args, **kwargs)
+
+    monkeypatch.setattr(splinalg, "eigsh", eigsh)
+    adata = _blob_graph(600, np.float32, seed=1)
+    ref, ours = adata.copy(), adata.copy()
+    sc.tl.diffmap(ref, n_comps=15)
+    calls.clear()
+    gpusc.tl.diffmap(ours, n_comps=15, device="cpu")
+    assert calls == [np.float32, np.float64]
+    assert _compare(ours, ref) >= 11
+
+
 def test_dense_and_keyed_graph_as_scanpy():
     adata = _blob_graph(300, np.float32, seed=2)
     adata.obsp["g_connectivities"] = adata.obsp.pop("connectivities").toarray()

@@ -312,9 +312,9 @@ def test_gpu_optimiser_matches_twin():
     50 epochs on an H200 coordinates differed by up to 5.9 on a layout 10 wide), so later
     epochs cannot be compared point by point; a wrong sample or move shows at once. The
     tolerance: moves are clipped at 4, rounding is ~1e-7 of that (passed on an H200)."""
-    n_epochs = 2
     import scipy.sparse as sp
 
+    n_epochs = 2
     rng = np.random.default_rng(0)
     g = sp.random(300, 300, density=0.05, random_state=1, format="coo")
     g = sp.coo_matrix(g + g.T)

@@ -208,9 +208,9 @@ def _eigen_host(c: sparse.csr_matrix, scale: np.ndarray, k: int, v0: np.ndarray)
     The float64 Rayleigh-Ritz step brings the eigenvalues back to float64 accuracy: their
     error is the square of the vectors' (measured 4e-11 relative of float64 ARPACK's, the
     simple eigenvectors' |cos| 1.000000; the outputs are float32). Eigenvalue 1, repeated
-    once per connected component, is found as often as float64 ARPACK finds it (rounding
-    makes every copy reachable). Where single-precision ARPACK does not converge, or its
-    vectors do not span k dimensions, the float64 call runs instead.
+    once per connected component, was found four times on that 4-component graph, as float64
+    ARPACK finds it. Where single-precision ARPACK does not converge, or its vectors do not
+    span k dimensions, the float64 call runs instead.
     Earlier tries that did not pay: deflating the known eigenvalue-1 vectors (1.35x),
     Chebyshev filtering and per-component solves (no gain)."""
     from scipy.sparse.linalg import ArpackNoConvergence, eigsh

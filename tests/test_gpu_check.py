@@ -1,11 +1,13 @@
 """benchmarks/gpu_check.py, the prepared device check, stays runnable without a device: every
-kernel family has a sanitizer call, and its timings part runs end to end on the CPU."""
+kernel family has a sanitizer call, its timings part runs end to end on the CPU, and a part
+stopped at its limit leaves its log and no process behind."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from gpusc._core import cuda
@@ -34,3 +36,23 @@ def test_timings_part_runs_on_the_cpu(tmp_path):
         assert row["seconds"] > 0 and row["floor_kind"] == "bytes" and row["floor_seconds"] > 0
     assert timings["references"]["copy_bytes_per_s"] > 0
     assert record["machine"]["logical_cores"] > 0 and record["git"]["commit"]
+
+
+def test_a_part_stopped_at_its_limit_leaves_its_log_and_no_process(tmp_path):
+    """gpu_check's _run: at the limit the whole process group goes (pytest-xdist's workers
+    would otherwise keep the GPU), and what the part printed is in its log and its tail."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(BENCH))
+    log = tmp_path / "part.log"
+    script = "sleep 60 & echo child $!; echo started; wait"
+    start = time.perf_counter()
+    result = gpu_check._run(["bash", "-c", script], 2, log=log)
+    assert time.perf_counter() - start < 30 and result["rc"] is None
+    assert "started" in log.read_text() and "started" in result["output_tail"]
+    child = int(log.read_text().split("child ")[1].split()[0])
+    time.sleep(0.5)
+    status = Path(f"/proc/{child}/status")  # gone, or a zombie waiting for init to reap it
+    assert not status.exists() or "State:\tZ" in status.read_text()

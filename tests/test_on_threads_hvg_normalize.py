@@ -36,12 +36,6 @@ def built(tmp_path_factory):
             for family in ("hvg", "normalize")}
 
 
-def _launch(kernel, grid, block, args, shared_mem=0):
-    """gpusc._core.cuda.launch, with the stand-in in place of the RawKernel."""
-    if int(grid) > 0:
-        kernel((int(grid),), (int(block),), args, shared_mem=shared_mem)
-
-
 def _counts(n_obs, n_vars, dtype, seed, density=0.6, lam=2.0):
     """Integer counts with one empty row and one empty column; most columns hold more than
     64 stored values, so every lane of a warp walks several of them."""
@@ -76,7 +70,7 @@ def test_poisson_expected_zeros_on_threads(built):
     weights = rng.integers(1, 30, totals.size).astype(np.float64)
     batch_start = np.concatenate([[0], np.cumsum(per_batch)]).astype(np.int64)
     expected = np.empty((n_batches, n_vars), np.float64)
-    _launch(built["hvg"]["poisson_expected_zeros"], -(-n_batches * n_vars // hvg.BLOCK), hvg.BLOCK, (
+    cuda.launch(built["hvg"]["poisson_expected_zeros"], -(-n_batches * n_vars // hvg.BLOCK), hvg.BLOCK, (
         np.ascontiguousarray(scaled_means, dtype=np.float64), totals, weights, batch_start,
         np.int32(n_batches), np.int64(n_vars), expected,
     ))
@@ -243,5 +237,5 @@ def test_log1p_on_threads(built, device, value_type, kind, base):
     # the grid-stride loop (the launcher's grid reaches it past 2^24 values): the launch's
     # arguments again, on 3 blocks
     strided = (dense if kind == "dense" else sparse.csr_matrix(dense).data).copy()
-    _launch(built["normalize"][name], 3, 256, (strided.reshape(-1), *device.launched[name][1:]))
+    cuda.launch(built["normalize"][name], 3, 256, (strided.reshape(-1), *device.launched[name][1:]))
     np.testing.assert_array_equal(strided, values)

@@ -219,8 +219,11 @@ FLOORS = {
 }
 
 
-def _steps(on_gpu: bool):
-    """(name, call(adata), floor name) in pipeline order."""
+def _steps(on_gpu: bool, kept: dict):
+    """(name, call(adata), floor name) in pipeline order; ``kept["counts"]``: the raw counts,
+    set aside by the caller before the pipeline changes X."""
+    import anndata as ad
+
     import gpusc
 
     device = "gpu" if on_gpu else "cpu"
@@ -247,17 +250,12 @@ def _steps(on_gpu: bool):
          "harmony_passes"),
         # t-SNE runs on the GPU through cuML only (else sklearn's Barnes-Hut on the host: hours at 1M)
         ("tsne", lambda a: gpusc.tl.tsne(a, device=device), "all_pairs"),
-        # on the counts kept aside (``a.uns["_counts"]``); 35 neighbours (k_adj 105) keep the kNN on
-        # the device (scanpy's default, 0.5 sqrt(n) = 500 at 1M cells, goes to the host search)
-        ("scrublet", lambda a: gpusc.pp.scrublet(_counts_of(a), n_neighbors=35, verbose=False), "scrublet_pairs"),
+        # on the counts kept aside (outside the AnnData: in uns every in-place subset would copy
+        # them); 35 neighbours (k_adj 105) keep the kNN on the device (scanpy's default,
+        # 0.5 sqrt(n) = 500 at 1M cells, goes to the host search)
+        ("scrublet", lambda a: gpusc.pp.scrublet(ad.AnnData(X=kept["counts"]), n_neighbors=35, verbose=False),
+         "scrublet_pairs"),
     ]
-
-
-def _counts_of(adata):
-    """The raw counts kept aside before the pipeline, as an AnnData where they live."""
-    import anndata as ad
-
-    return ad.AnnData(X=adata.uns["_counts"].copy())
 
 
 RATES = {"bytes": "copy_bytes_per_s", "fp64_flop": "fp64_flop_per_s", "fp32_flop": "fp32_flop_per_s",
@@ -288,7 +286,8 @@ def run_timings(n_cells: int, on_gpu: bool, steps: list[str] | None) -> dict:
     # at 1M cells, so they are left out unless named in --steps
     needs = {"tsne": "cuml", "leiden": "pylibcugraph"}
     missing = [name for name, lib in needs.items() if on_gpu and importlib.util.find_spec(lib) is None]
-    chosen = [s for s in _steps(on_gpu) if (s[0] in steps if steps is not None else s[0] not in missing)]
+    kept = {}
+    chosen = [s for s in _steps(on_gpu, kept) if (s[0] in steps if steps is not None else s[0] not in missing)]
 
     def pipeline(n, report):
         start = time.perf_counter()
@@ -298,7 +297,7 @@ def run_timings(n_cells: int, on_gpu: bool, steps: list[str] | None) -> dict:
         made = time.perf_counter() - start
         if on_gpu:
             gpusc.get.anndata_to_GPU(adata)
-        adata.uns["_counts"] = adata.X.copy()
+        kept["counts"] = adata.X.copy()  # normalize_total and log1p change X in place
         rows = []
         for name, call, floor in chosen:
             before = _sizes(adata)

@@ -194,6 +194,30 @@ def test_kmeans_step_as_numpy():
     np.testing.assert_allclose(sums, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [0, 5, 3001])  # fewer rows than HOST_CHUNKS, and many
+def test_chunked_products_as_numpy(n):
+    # similarity and correct run their products in fixed chunks of rows on numba's threads;
+    # each row's result must be numpy's product, to float32 rounding (a one-row chunk goes to
+    # BLAS's matrix-vector kernel, which adds in another order)
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(n, 12)).astype(np.float32)
+    centroids = rng.normal(size=(7, 12)).astype(np.float32)
+    r = rng.random((n, 7)).astype(np.float32)
+    segments = np.array([0, n // 3, n // 3, n])  # an empty segment too
+    corrections = rng.normal(size=(3, 7, 12)).astype(np.float32)
+    with threadpool_limits(1, user_api="blas"):
+        dist = HostSteps.similarity(x, centroids)
+        out = np.empty_like(x)
+        HostSteps.correct(x, r, corrections, segments, out)
+        np.testing.assert_allclose(dist, x @ centroids.T, rtol=1e-6, atol=1e-6)
+        expected = np.concatenate([x[lo:hi] - r[lo:hi] @ corrections[c]
+                                   for c, (lo, hi) in enumerate(zip(segments[:-1],
+                                                                    segments[1:]))])
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_race_keys_as_numba_twin(device):
     z, _, _, _ = _problem()
     x = HostSteps.unit_rows(z)

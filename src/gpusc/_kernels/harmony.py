@@ -65,6 +65,9 @@ PARALLEL_WORK = 1 << 17
 SHARED_SUMS_BYTES = 40 * 1024
 # Host float loops may be reassociated (vectorised reductions), in a fixed order per build.
 FAST = True
+# Cells of a host Lloyd step whose products are computed together (256 cells x 100 clusters:
+# 100 KiB, in the core's cache)
+LLOYD_ROWS = 256
 # Running maxima of a host row's largest value (one vector of float32).
 MAX_LANES = 8
 # 2**f on [0, 1): degree-6 fit (relative error below 1e-7 in float32), for the host's
@@ -495,25 +498,61 @@ def _race_argmin_host(sim, seed, n_chunks):
     return out
 
 
+@numba.njit(parallel=True, cache=True)
+def _matmul_rows_host(a, b, out):
+    # out = a @ b, in HOST_CHUNKS fixed chunks of rows on numba's threads, each chunk one
+    # single-threaded BLAS call (BLAS is held to one thread during a run: its own threads spin
+    # on the cores numba needs). The chunks depend on the shape only: the same result on any
+    # number of threads.
+    n = a.shape[0]
+    for c in numba.prange(HOST_CHUNKS):
+        lo, hi = n * c // HOST_CHUNKS, n * (c + 1) // HOST_CHUNKS
+        if hi > lo:
+            np.dot(a[lo:hi], b, out[lo:hi])
+
+
 @numba.njit(parallel=True, cache=True, fastmath=FAST)
-def _lloyd_sums_host(products, norms, x, sums, counts):
-    # each cell's mean with the largest 2 x.m - |m|^2 (the first on ties), from x @ means.T;
+def _lloyd_step_host(x, means_t, norms, sums, counts):
     # per fixed chunk of cells (sums (n_chunks, K, d) float64, counts (n_chunks, K)) the
-    # coordinate sums and sizes of the cells nearest to each mean
-    n, n_clusters, n_chunks = products.shape[0], products.shape[1], sums.shape[0]
+    # coordinate sums and sizes of the cells nearest to each mean: the largest 2 x.m - |m|^2
+    # (the first on ties), from the products of LLOYD_ROWS cells at a time, used while they
+    # are in the core's cache
+    n, n_clusters, n_chunks = x.shape[0], means_t.shape[1], sums.shape[0]
     for c in numba.prange(n_chunks):
+        products = np.empty((LLOYD_ROWS, n_clusters), np.float32)
         scores = np.empty(n_clusters, np.float32)
         lanes = np.empty(MAX_LANES, np.float32)
-        for i in range(n * c // n_chunks, n * (c + 1) // n_chunks):
-            for k in range(n_clusters):
-                scores[k] = np.float32(2.0) * products[i, k] - norms[k]
-            largest = _largest(scores, lanes)  # vectorised; then its first position
-            best = n_clusters
-            for k in range(n_clusters):
-                best = min(best, k if scores[k] == largest else n_clusters)
-            counts[c, best] += 1
-            for a in range(x.shape[1]):
-                sums[c, best, a] += x[i, a]
+        lo, hi = n * c // n_chunks, n * (c + 1) // n_chunks
+        for start in range(lo, hi, LLOYD_ROWS):
+            end = min(start + LLOYD_ROWS, hi)
+            np.dot(x[start:end], means_t, products[:end - start])
+            for i in range(start, end):
+                row = products[i - start]
+                for k in range(n_clusters):
+                    scores[k] = np.float32(2.0) * row[k] - norms[k]
+                largest = _largest(scores, lanes)  # vectorised; then its first position
+                best = n_clusters
+                for k in range(n_clusters):
+                    best = min(best, k if scores[k] == largest else n_clusters)
+                counts[c, best] += 1
+                for a in range(x.shape[1]):
+                    sums[c, best, a] += x[i, a]
+
+
+@numba.njit(parallel=True, cache=True)
+def _correct_host(z, r, corrections, segments, out):
+    # out = z - r @ corrections[s] over each segment s of rows, in HOST_CHUNKS fixed chunks per
+    # segment (one single-threaded BLAS call each)
+    for t in numba.prange((segments.size - 1) * HOST_CHUNKS):
+        s, c = t // HOST_CHUNKS, t % HOST_CHUNKS
+        size = segments[s + 1] - segments[s]
+        lo = segments[s] + size * c // HOST_CHUNKS
+        hi = segments[s] + size * (c + 1) // HOST_CHUNKS
+        if hi > lo:
+            np.dot(r[lo:hi], corrections[s], out[lo:hi])
+        for i in range(lo, hi):
+            for a in range(z.shape[1]):
+                out[i, a] = z[i, a] - out[i, a]
 
 
 def _winners(keys, xp) -> np.ndarray:
@@ -590,7 +629,10 @@ class HostSteps:
     @staticmethod
     def similarity(x, centroids, out=None):
         """x @ centroids.T (cells x clusters, float32)."""
-        return np.matmul(x, np.asarray(centroids, np.float32).T, out=out)
+        centroids = np.asarray(centroids, np.float32)
+        out = np.empty((x.shape[0], centroids.shape[0]), np.float32) if out is None else out
+        _matmul_rows_host(x, centroids.T, out)
+        return out
 
     @staticmethod
     def assign(dist, sigma, inv_sigma, log_div, cell_batches, n_batches, r, order: Pass, *,
@@ -667,17 +709,16 @@ class HostSteps:
     @staticmethod
     def correct(z, r, corrections, segments, out):
         """out = z - R @ M_c over each segment c (corrections: (n_segments, K, d) float32)."""
-        for c in range(len(segments) - 1):
-            lo, hi = segments[c], segments[c + 1]
-            np.matmul(r[lo:hi], corrections[c], out=out[lo:hi])
-            np.subtract(z[lo:hi], out[lo:hi], out=out[lo:hi])
+        _correct_host(z, r, np.ascontiguousarray(corrections, np.float32),
+                      np.asarray(segments, np.int64), out)
         return out
 
     @staticmethod
     def race_winners(x, seed_rows, seed) -> np.ndarray:
         """The k-means start's picks: for each seed row, a cell drawn with probability
         proportional to its distance 2 (1 - cos) from it, no cell twice (host int64 array)."""
-        keys = x @ x[seed_rows].T
+        keys = np.empty((x.shape[0], len(seed_rows)), np.float32)
+        _matmul_rows_host(x, x[seed_rows].T, keys)
         winners = _race_argmin_host(keys, np.uint64(seed), HOST_CHUNKS)
         if np.unique(winners).size == winners.size:
             return winners
@@ -685,16 +726,14 @@ class HostSteps:
         return _winners(keys, np)
 
     @staticmethod
-    def kmeans_step(x, means, products=None):
-        """One Lloyd step: (float64 (K, d) sums of each nearest-mean cluster, int64 sizes);
-        ``products``: an (n, K) float32 array to reuse for x @ means.T, or None. The sums per
-        HOST_CHUNKS fixed chunks of cells, added in order."""
+    def kmeans_step(x, means):
+        """One Lloyd step: (float64 (K, d) sums of each nearest-mean cluster, int64 sizes). The
+        sums per HOST_CHUNKS fixed chunks of cells, added in order."""
         means = np.asarray(means, np.float32)
         norms = (means.astype(np.float64) ** 2).sum(axis=1).astype(np.float32)
-        products = np.matmul(x, means.T, out=products)
         sums = np.zeros((HOST_CHUNKS, means.shape[0], x.shape[1]))
         counts = np.zeros((HOST_CHUNKS, means.shape[0]), np.int64)
-        _lloyd_sums_host(products, norms, x, sums, counts)
+        _lloyd_step_host(x, means.T, norms, sums, counts)
         return sums.sum(axis=0), counts.sum(axis=0)
 
 
@@ -852,10 +891,9 @@ class DeviceSteps:
         return _winners(keys, cp)
 
     @staticmethod
-    def kmeans_step(x, means, products=None):
+    def kmeans_step(x, means):
         """One Lloyd step: the nearest mean per cell from a cuBLAS product, then each cluster's
-        sum as one-hot products over fixed chunks of cells, added in order (no atomics).
-        ``products`` is not used: CuPy's memory pool reuses the product's memory."""
+        sum as one-hot products over fixed chunks of cells, added in order (no atomics)."""
         import cupy as cp
 
         means = cp.asarray(means, np.float32)

@@ -31,13 +31,20 @@ class HarmonyResult:
     """What :func:`harmonize` returns (host arrays, in the input's cell order)."""
 
     z_corr: np.ndarray  # (n, d) float32: the corrected embedding
-    r: np.ndarray  # (n, K) float32: the last soft assignments
+    r_sorted: np.ndarray  # (n, K) float32: the last soft assignments, in the order of the run
+    inverse: np.ndarray  # (n,) int64: each input cell's row in r_sorted
     centroids: np.ndarray  # (K, d) float32, unit rows
     initial_centroids: np.ndarray  # (K, d) float32, unit rows
     objective_harmony: list[float] = field(default_factory=list)
     objective_kmeans: list[float] = field(default_factory=list)
     kmeans_rounds: list[int] = field(default_factory=list)
     converged: bool = False
+
+    @property
+    def r(self) -> np.ndarray:
+        """(n, K) float32: the last soft assignments, in the input's order (built on request:
+        harmony_integrate does not keep them, and the gather costs 3% of a run)."""
+        return self.r_sorted[self.inverse]
 
 
 def harmony_integrate(
@@ -418,8 +425,9 @@ def harmonize(z, codes, n_levels, *, n_clusters, theta, lamb, alpha, sigma, bloc
         centroids = _unit(init_centroids)
     else:
         centroids = _kmeans_start(z_cos, n, n_clusters, rng, steps)
-    result = HarmonyResult(z_corr=z_sorted, r=np.empty((0, n_clusters), np.float32),
-                           centroids=centroids, initial_centroids=centroids.copy())
+    result = HarmonyResult(z_corr=z_sorted, r_sorted=np.empty((0, n_clusters), np.float32),
+                           inverse=np.arange(0), centroids=centroids,
+                           initial_centroids=centroids.copy())
 
     every_cell = _harmony.Pass.every_cell(n)
     half = _harmony.feistel_half_bits(every_cell.n_tiles)
@@ -493,7 +501,7 @@ def harmonize(z, codes, n_levels, *, n_clusters, theta, lamb, alpha, sigma, bloc
     inverse = np.empty(n, np.int64)
     inverse[order] = np.arange(n)
     result.z_corr = steps.to_host(z_corr)[inverse]
-    result.r = steps.to_host(r)[inverse]
+    result.r_sorted, result.inverse = steps.to_host(r), inverse
     result.centroids = centroids
     return result
 
@@ -525,9 +533,8 @@ def _kmeans_start(z_cos, n: int, n_clusters: int, rng, steps) -> np.ndarray:
     race_seed = int(rng.integers(0, 2**63))
     picks = steps.race_winners(z_cos, seed_rows, race_seed)
     means = np.asarray(steps.to_host(z_cos[steps.to_array(picks, np.int64)]), np.float32)
-    products = steps.empty((n, n_clusters), np.float32)  # one buffer for every step
     for _ in range(KMEANS_START_STEPS):
-        sums, counts = steps.kmeans_step(z_cos, means, products)
+        sums, counts = steps.kmeans_step(z_cos, means)
         filled = counts > 0
         means[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
     return _unit(means)

@@ -189,3 +189,33 @@ def test_device_as_scanpy(pbmc_graph, scanpy_pbmc):
     again = pbmc_graph.copy()
     gpusc.tl.diffmap(again, device="gpu")
     np.testing.assert_array_equal(again.obsm["X_diffmap"], ours.obsm["X_diffmap"])
+
+
+def test_many_components_warning_as_scanpy():
+    """scanpy warns "Transition matrix has many disconnected components!" when the graph has
+    more components than half the eigenvalues: ten separate blobs, n_comps 15 (10 > 7.5) warn,
+    n_comps 30 (10 < 15) do not; the count here is gpusc's union-find, scanpy's scipy's."""
+    from scipy.sparse import block_diag
+
+    parts = [_blob_graph(40, np.float64, seed=10 + i) for i in range(10)]
+    adata = sc.AnnData(obsm={"X_pca": np.concatenate([p.obsm["X_pca"] for p in parts])})
+    adata.obsp["connectivities"] = block_diag([p.obsp["connectivities"] for p in parts]).tocsr()
+    adata.obsp["distances"] = adata.obsp["connectivities"].copy()
+    adata.uns["neighbors"] = parts[0].uns["neighbors"]
+    import logging
+
+    message = "Transition matrix has many disconnected components!"
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = sc.settings._root_logger  # scanpy's own logger (gpusc's logging goes through it)
+    logger.addHandler(handler)
+    try:
+        for n_comps, warns in ((15, True), (30, False)):
+            for run in (lambda a: sc.tl.diffmap(a, n_comps=n_comps),
+                        lambda a: gpusc.tl.diffmap(a, n_comps=n_comps, device="cpu")):
+                records.clear()
+                run(adata.copy())
+                assert any(message in r.getMessage() for r in records) == warns, n_comps
+    finally:
+        logger.removeHandler(handler)

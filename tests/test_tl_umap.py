@@ -438,6 +438,20 @@ def test_weak_components_device_as_scipy(on_threads_device, index_type, n, n_gro
     assert _kumap.weak_components_device(on_device) == connected_components(graph)[0]
 
 
+@pytest.mark.parametrize("index_type", [np.int32, np.int64])
+@pytest.mark.parametrize(("n", "n_groups", "seed"),
+                         [(6, 1, 3), (300, 1, 0), (300, 4, 1), (700, 30, 2), (2000, 300, 5)])
+def test_weak_components_host_as_scipy(index_type, n, n_groups, seed):
+    from scipy.sparse.csgraph import connected_components
+
+    graph = _components_graph(n, n_groups, index_type, seed)
+    assert _kumap.weak_components_host(graph) == connected_components(graph)[0]
+    assert _kumap.weak_components_host(graph.tocoo()) == connected_components(graph)[0]
+    assert _kumap.weak_components_host(graph.tocsc()) == connected_components(graph)[0]
+    empty = sparse.csr_matrix((n, n), dtype=np.float32)  # no edge: every vertex alone
+    assert _kumap.weak_components_host(empty) == connected_components(empty)[0] == n
+
+
 def test_spectral_init_device_disconnected_is_none(on_threads_device):
     graph = _components_graph(300, 3, np.int32, 4)
     assert _kumap.spectral_init_device(_kumap.graph_to_device(graph), 2) is None

@@ -375,6 +375,56 @@ def _epochs_device(emb, head_d, tail_d, eps_d, eps_neg_d, n_epochs, a, b, gamma,
     return emb.get()  # synchronize!
 
 
+def weak_components_host(graph: sparse.spmatrix | sparse.sparray) -> int:
+    """The number of weakly connected components of a host graph (CSR or COO, as stored):
+    scipy's ``connected_components(graph)``'s count, without the labels; umap_link's
+    union-find on one thread (scipy's search takes 0.77 s on a 1M-vertex graph of 30M edges on
+    this 2-core machine, this 0.12 s)."""
+    n = graph.shape[0]
+    if graph.shape[1] != n:
+        raise ValueError(f"the graph is not square: {graph.shape}")
+    if graph.format == "coo":
+        return int(_weak_components_edges(graph.row, graph.col, n))
+    if graph.format != "csr":
+        graph = sparse.csr_matrix(graph)
+    return int(_weak_components_csr(graph.indptr, graph.indices, n))
+
+
+@numba.njit(cache=True, inline="always")
+def _link(parent, a, b):
+    # joins the trees of a and b (the larger root under the smaller, as umap_link, halving
+    # the paths on the way up); True when they were two trees
+    while parent[a] != a:
+        parent[a] = parent[parent[a]]
+        a = parent[a]
+    while parent[b] != b:
+        parent[b] = parent[parent[b]]
+        b = parent[b]
+    if a == b:
+        return False
+    parent[max(a, b)] = min(a, b)
+    return True
+
+
+@numba.njit(cache=True)
+def _weak_components_csr(indptr, indices, n):
+    parent = np.arange(n, dtype=np.int64)
+    roots = n
+    for row in range(n):
+        for e in range(indptr[row], indptr[row + 1]):
+            roots -= _link(parent, row, indices[e])
+    return roots
+
+
+@numba.njit(cache=True)
+def _weak_components_edges(rows, cols, n):
+    parent = np.arange(n, dtype=np.int64)
+    roots = n
+    for e in range(rows.size):
+        roots -= _link(parent, rows[e], cols[e])
+    return roots
+
+
 def weak_components_device(graph: DeviceGraph) -> int:
     """The number of weakly connected components of a device graph (``umap_link``'s
     union-find): scipy's ``connected_components(graph)``'s count, without the labels.

@@ -24,6 +24,7 @@ from .._core import logg
 from .._core.adata import actualize_view
 from .._core.arrays import placement
 from .._core.compat import check_random_state
+from .._kernels.umap import weak_components_host
 from .._settings import resolve_device
 
 # scanpy's own messages, quoted inside ours
@@ -108,9 +109,7 @@ def diffmap(
         evals, evecs = _eigen_host(connectivities, scale, k, v0)
     evals, evecs = evals[::-1].astype(np.float32), np.ascontiguousarray(evecs[:, ::-1], np.float32)
     logg.info(f"    eigenvalues of transition matrix\n{indent(str(evals), '    ')}")
-    from scipy.sparse.csgraph import connected_components
-
-    if connected_components(connectivities)[0] > len(evals) / 2:
+    if weak_components_host(connectivities) > len(evals) / 2:  # scipy's connected_components
         logg.warning("Transition matrix has many disconnected components!")
 
     if copy:

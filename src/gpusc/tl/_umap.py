@@ -281,9 +281,7 @@ def _spectral_host(adata, graph, n_components, rs, neigh_params):
     A connected graph takes umap-learn's own eigsh call here, without importing umap-learn:
     its import compiles pynndescent's numba functions (12 s warm, 28 s with an empty numba
     cache on 2 cores), longer than the layout itself."""
-    from scipy.sparse.csgraph import connected_components
-
-    if connected_components(graph)[0] == 1:
+    if _umap.weak_components_host(graph) == 1:  # scipy's connected_components(graph)[0]
         return _spectral_connected(graph, n_components, rs)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Tensorflow not installed")

@@ -191,6 +191,72 @@ def test_device_as_scanpy(pbmc_graph, scanpy_pbmc):
     np.testing.assert_array_equal(again.obsm["X_diffmap"], ours.obsm["X_diffmap"])
 
 
+@pytest.fixture
+def numpy_as_cupy(monkeypatch):
+    """CuPy and cupyx's sparse eigsh as NumPy and SciPy's (ARPACK), so that the device path's
+    own code (T on the device, the single-precision solve, the Rayleigh-Ritz step, the float64
+    fallback) runs here; returns the list of the dtypes eigsh was called with."""
+    import sys
+    import types
+
+    from scipy.sparse import linalg as splinalg
+
+    calls = []
+
+    def eigsh(a, k, **kwargs):
+        calls.append(a.dtype)
+        return splinalg.eigsh(a, k=k, **kwargs)
+
+    fake = types.ModuleType("cupy")
+    for name in ("asarray", "arange", "searchsorted", "argsort", "sqrt", "float32", "float64"):
+        setattr(fake, name, getattr(np, name))
+    fake.asnumpy = np.asarray
+    fake_linalg = types.ModuleType("cupyx.scipy.sparse.linalg")
+    fake_linalg.eigsh = eigsh
+    fake_sparse = types.ModuleType("cupyx.scipy.sparse")
+    fake_sparse.csr_matrix, fake_sparse.linalg = sparse.csr_matrix, fake_linalg
+    fake_scipy = types.ModuleType("cupyx.scipy")
+    fake_scipy.sparse = fake_sparse
+    fake_cupyx = types.ModuleType("cupyx")
+    fake_cupyx.scipy = fake_scipy
+    for name, module in (("cupy", fake), ("cupyx", fake_cupyx), ("cupyx.scipy", fake_scipy),
+                         ("cupyx.scipy.sparse", fake_sparse),
+                         ("cupyx.scipy.sparse.linalg", fake_linalg)):
+        monkeypatch.setitem(sys.modules, name, module)
+    return calls
+
+
+@pytest.mark.parametrize("junk", [False, True])
+def test_device_solve_on_host_arrays_as_scanpy(numpy_as_cupy, junk, monkeypatch):
+    """The device path's code with NumPy/SciPy standing in for CuPy/cupyx: the single-precision
+    solve refined by Rayleigh-Ritz gives scanpy's result; vectors that stopped short (here the
+    solve's vectors with noise of 1e-3 added: residual far above SINGLE_RESIDUAL_MAX) go to
+    the float64 solve, which gives scanpy's result too."""
+    from gpusc.tl import _diffmap
+
+    if junk:
+        import sys
+
+        fake_linalg = sys.modules["cupyx.scipy.sparse.linalg"]
+        eigsh = fake_linalg.eigsh
+
+        def short(a, k, **kwargs):
+            values, vectors = eigsh(a, k, **kwargs)
+            if a.dtype == np.float32:
+                noise = np.random.default_rng(0).normal(scale=1e-3, size=vectors.shape)
+                vectors = vectors + noise.astype(np.float32)
+            return values, vectors
+
+        monkeypatch.setattr(fake_linalg, "eigsh", short)
+    monkeypatch.setattr(_diffmap, "resolve_device", lambda device: "gpu")
+    adata = _blob_graph(600, np.float32, seed=1)
+    ref, ours = adata.copy(), adata.copy()
+    sc.tl.diffmap(ref, n_comps=15)
+    gpusc.tl.diffmap(ours, n_comps=15)
+    assert numpy_as_cupy == ([np.float32, np.float64] if junk else [np.float32])
+    assert _compare(ours, ref) >= 11
+
+
 def test_many_components_warning_as_scanpy():
     """scanpy warns "Transition matrix has many disconnected components!" when the graph has
     more components than half the eigenvalues: ten separate blobs, n_comps 15 (10 > 7.5) warn,

@@ -196,6 +196,42 @@ def _scaled_values(indptr, indices, data, scale):
     return values
 
 
+# Largest residual ||T x - λ x|| accepted from a single-precision solve after the float64
+# Rayleigh-Ritz step (T's norm is 1). Converged float32 Lanczos vectors leave ~7e-7 on a
+# 3,000-cell blob graph (ARPACK's float32 tolerance); 1e-5 keeps a wide margin above that and
+# turns away vectors that stopped short, which then go to the float64 solve.
+SINGLE_RESIDUAL_MAX = 1e-5
+# Lanczos steps allowed to cupyx's single-precision eigsh (its default is 10 n: a solve that
+# cannot reach its tolerance in float32 would run that long); ARPACK needed ~200-300 products
+# for k = 15 on 50k cells. Past this the float64 solve runs.
+SINGLE_MAX_STEPS = 4000
+
+
+def _rayleigh_ritz(t, vectors, xp=np):
+    """One float64 Rayleigh-Ritz step of T on the span of ``vectors`` (n x k, any precision;
+    host or device arrays, ``xp`` their module): the generalised eigenpairs of VᵀTV and VᵀV,
+    without orthonormalising V first (the pairs' y are VᵀV-orthonormal, so V y is
+    orthonormal). Returns (eigenvalues increasing, host float64; eigenvectors, as V's module),
+    or None where V does not span k directions or the largest residual ||T x - λ x|| is above
+    SINGLE_RESIDUAL_MAX."""
+    from scipy.linalg import eigh
+
+    v = vectors.astype(xp.float64)
+    tv = t @ v
+    gram, h = v.T @ v, v.T @ tv
+    if xp is not np:
+        gram, h = xp.asnumpy(gram), xp.asnumpy(h)  # k x k: the small problem on the host
+    if np.linalg.eigvalsh(gram).min() <= 1e-6:  # ~ the identity for orthonormal float32 vectors
+        return None
+    evals, rotation = eigh((h + h.T) / 2, (gram + gram.T) / 2)
+    rotation = xp.asarray(rotation)
+    x = v @ rotation
+    residual = xp.sqrt(((tv @ rotation - x * xp.asarray(evals)[None, :]) ** 2).sum(axis=0)).max()
+    if float(residual) > SINGLE_RESIDUAL_MAX:
+        return None
+    return evals, x
+
+
 def _eigen_host(c: sparse.csr_matrix, scale: np.ndarray, k: int, v0: np.ndarray):
     """scanpy's eigenpairs (k, which="LM", ARPACK's default ncv and tol, its start vector) of T:
     ARPACK in single precision on T rounded to float32, then one Rayleigh-Ritz step in float64
@@ -221,22 +257,17 @@ def _eigen_host(c: sparse.csr_matrix, scale: np.ndarray, k: int, v0: np.ndarray)
             _, vectors = eigsh(t32, k=k, which="LM", ncv=None, v0=v0.astype(np.float32))
         except ArpackNoConvergence:
             vectors = None
-        if vectors is not None:
-            from scipy.linalg import eigh
-
-            v = vectors.astype(np.float64)
-            gram = v.T @ v  # ~ the identity: ARPACK's vectors are orthonormal in float32
-            if np.linalg.eigvalsh(gram).min() > 1e-6:  # k independent directions
-                h = v.T @ (t @ v)
-                # the generalised problem H y = λ G y: Rayleigh-Ritz on span(v) without
-                # orthonormalising v first; its y are G-orthonormal, so v y is orthonormal
-                evals, rotation = eigh((h + h.T) / 2, (gram + gram.T) / 2)  # increasing, as eigsh's
-                return evals, v @ rotation
+        refined = None if vectors is None else _rayleigh_ritz(t, vectors)
+        if refined is not None:
+            return refined
     return eigsh(t, k=k, which="LM", ncv=None, v0=v0)
 
 
 def _eigen_device(c: sparse.csr_matrix, scale: np.ndarray, k: int, v0: np.ndarray):
-    """cupyx's eigsh on T built on the device (values w_i c_ij w_j in float64)."""
+    """The host path's solve on the device: T built there (values w_i c_ij w_j in float64),
+    cupyx's eigsh (thick-restart Lanczos) in single precision on T rounded to float32 (at most
+    SINGLE_MAX_STEPS Lanczos steps), then the float64 Rayleigh-Ritz step; cupyx's float64
+    eigsh where that step turns the vectors away."""
     import cupy as cp
     from cupyx.scipy import sparse as cpsparse
     from cupyx.scipy.sparse.linalg import eigsh
@@ -249,6 +280,15 @@ def _eigen_device(c: sparse.csr_matrix, scale: np.ndarray, k: int, v0: np.ndarra
     values = cp.asarray(c.data).astype(np.float64) * (w[rows] * w[indices])  # exactly symmetric
     del rows
     t = cpsparse.csr_matrix((values, indices, indptr), shape=c.shape)
+    t32 = cpsparse.csr_matrix((values.astype(np.float32), indices, indptr), shape=c.shape)
+    # tol: cupyx's default in float32 is float32's epsilon on the recurrence's residual
+    # estimate, which single precision may never reach; 1e-6 is what converged vectors show
+    _, vectors = eigsh(t32, k=k, which="LM", v0=cp.asarray(v0, np.float32), tol=1e-6,
+                       maxiter=SINGLE_MAX_STEPS)
+    del t32
+    refined = _rayleigh_ritz(t, vectors, cp)
+    if refined is not None:
+        return refined[0], cp.asnumpy(refined[1])  # synchronize!
     evals, evecs = eigsh(t, k=k, which="LM", v0=cp.asarray(v0))
     order = cp.argsort(evals)  # increasing, as scipy's
     return cp.asnumpy(evals[order]), cp.asnumpy(evecs[:, order])  # synchronize!

@@ -42,6 +42,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = {"tests": 220, "sanitizer": 100, "timings": 290}  # seconds per part (per tool for the sanitizer)
 SANITIZER_TOOLS = ("memcheck", "racecheck")
+# timing steps run under cProfile by default: those furthest over their floors on the H200
+# (2026-12-04: QC and the filters 75-110x, diffmap 1,300x, scrublet 57x), to see where
+PROFILED = ("calculate_qc_metrics", "filter_cells", "filter_genes", "diffmap", "scrublet")
+PROFILE_TOP = 15
 
 
 def _run(cmd: list[str], limit: float, env: dict | None = None, keep_output: bool = False,
@@ -262,10 +266,25 @@ RATES = {"bytes": "copy_bytes_per_s", "fp64_flop": "fp64_flop_per_s", "fp32_flop
          "tf32_flop": "tf32_flop_per_s"}
 
 
-def run_timings(n_cells: int, on_gpu: bool, steps: list[str] | None) -> dict:
+def _hot_functions(profile, top: int = PROFILE_TOP) -> list[dict]:
+    """The ``top`` functions of a cProfile run by cumulative seconds (host time: a device
+    kernel's time shows in the call that waits for it)."""
+    import pstats
+
+    stats = pstats.Stats(profile).stats
+    rows = sorted(stats.items(), key=lambda item: -item[1][3])[:top]
+    return [{"function": f"{Path(file).name}:{line}({name})", "calls": calls,
+             "cumulative_s": round(cumulative, 4), "own_s": round(own, 4)}
+            for (file, line, name), (_, calls, own, cumulative, _) in rows]
+
+
+def run_timings(n_cells: int, on_gpu: bool, steps: list[str] | None,
+                profiled: tuple[str, ...] = ()) -> dict:
     """Every step once after a small warm-up. Each row is printed as it ends (``ROW {json}``),
     so that a part stopped at its time limit still returns the rows it finished; a step that
-    raises is recorded with its error and the next one runs."""
+    raises is recorded with its error and the next one runs. The steps named in ``profiled``
+    run under cProfile (its overhead is in their seconds) and keep their hot functions."""
+    import cProfile
     import importlib.util
     import traceback
     import warnings
@@ -305,19 +324,27 @@ def run_timings(n_cells: int, on_gpu: bool, steps: list[str] | None) -> dict:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 synchronize(on_gpu)
+                profile = cProfile.Profile() if report and name in profiled else None
                 with DevicePeak(on_gpu) as peak:
                     t0 = time.perf_counter()
                     try:
+                        if profile is not None:
+                            profile.enable()
                         call(adata)
                         synchronize(on_gpu)
                     except Exception:
                         error = traceback.format_exc(limit=6)[-1500:]
+                    finally:
+                        if profile is not None:
+                            profile.disable()
                     seconds = time.perf_counter() - t0
             kind, amount = FLOORS[floor](before, _sizes(adata))
             row = {"step": name, "shape_in": [before["n_obs"], before["n_vars"]], "seconds": round(seconds, 4),
                    "device_peak_gib": None if peak.peak is None else round(peak.peak / 2**30, 3)}
             if error:
                 row["error"] = error
+            if profile is not None:
+                row["profile"] = _hot_functions(profile)
             rate = refs.get(RATES[kind]) if kind else None
             if kind is not None and not error:
                 row |= {"floor": floor, "floor_kind": kind, "floor_amount": amount,
@@ -346,6 +373,8 @@ def main(argv=None) -> int:
     parser.add_argument("--parts", default="tests,sanitizer,timings")
     parser.add_argument("--cells", type=int, default=1_000_000)
     parser.add_argument("--steps", default=None, help="comma list of timing steps (default: all)")
+    parser.add_argument("--profile", default=",".join(PROFILED),
+                        help="comma list of timing steps run under cProfile ('' for none)")
     parser.add_argument("--device", choices=["gpu", "cpu"], default="gpu")
     parser.add_argument("--sanitizers", default=",".join(SANITIZER_TOOLS), help="compute-sanitizer tools")
     parser.add_argument("--out", type=Path, default=None)
@@ -357,7 +386,8 @@ def main(argv=None) -> int:
     steps = None if args.steps is None else [s.strip() for s in args.steps.split(",")]
 
     if args.timings_only:  # the timings part in its own process (device memory freed at exit)
-        print(json.dumps(run_timings(args.cells, on_gpu, steps)), flush=True)
+        profiled = tuple(s.strip() for s in args.profile.split(",") if s.strip())
+        print(json.dumps(run_timings(args.cells, on_gpu, steps, profiled)), flush=True)
         return 0
 
     from gpusc._bench import git_state, machine, versions
@@ -378,6 +408,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, __file__, "--timings-only", "--cells", str(args.cells), "--device", args.device]
         if args.steps:
             cmd += ["--steps", args.steps]
+        cmd += ["--profile", args.profile]
         r = _run(cmd, LIMITS["timings"], keep_output=True, log=out / f"gpu-check-{tag}-timings.log")
         full = r.pop("output_full").splitlines()  # the record's line is longer than the tail
         lines = [line for line in full if line.startswith("{")]

@@ -25,6 +25,8 @@
 # On any other machine with a GPU: make test-gpu's venv, then
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
 # Arguments go to benchmarks/gpu_check.py (e.g. --cells 200000, --parts tests,timings).
+# The steps furthest over their floors (QC, the filters, diffmap, scrublet) run under cProfile
+# and keep their hot functions in their rows (--profile '' for none).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONUNBUFFERED=1

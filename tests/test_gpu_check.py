@@ -34,6 +34,11 @@ def test_timings_part_runs_on_the_cpu(tmp_path):
     assert [row["step"] for row in timings["steps"]] == ["calculate_qc_metrics", "log1p"]
     for row in timings["steps"]:
         assert row["seconds"] > 0 and row["floor_kind"] == "bytes" and row["floor_seconds"] > 0
+    # calculate_qc_metrics is profiled by default, log1p is not
+    profile = timings["steps"][0]["profile"]
+    assert "profile" not in timings["steps"][1] and 0 < len(profile) <= 15
+    assert any("calculate_qc_metrics" in hot["function"] for hot in profile)
+    assert all(hot["cumulative_s"] <= timings["steps"][0]["seconds"] for hot in profile)
     assert timings["references"]["copy_bytes_per_s"] > 0
     assert record["machine"]["logical_cores"] > 0 and record["git"]["commit"]
 

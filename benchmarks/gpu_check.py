@@ -252,7 +252,7 @@ def _steps(on_gpu: bool, kept: dict):
         ("embedding_density", lambda a: gpusc.tl.embedding_density(a, basis="umap", device=device), "all_pairs_2d"),
         ("harmony_integrate", lambda a: gpusc.pp.harmony_integrate(a, "batch", device=device, verbose=False),
          "harmony_passes"),
-        # t-SNE runs on the GPU through cuML only (else sklearn's Barnes-Hut on the host: hours at 1M)
+        # t-SNE on the GPU: cuML's where installed, else gpusc's own (kernels/tsne.cu)
         ("tsne", lambda a: gpusc.tl.tsne(a, device=device), "all_pairs"),
         # on the counts kept aside (outside the AnnData: in uns every in-place subset would copy
         # them); 35 neighbours (k_adj 105) keep the kNN on the device (scanpy's default,
@@ -303,7 +303,7 @@ def run_timings(n_cells: int, on_gpu: bool, steps: list[str] | None,
     print("REFS " + json.dumps(refs), flush=True)
     # steps whose GPU path is a RAPIDS library: without it they run scanpy's host path, minutes
     # at 1M cells, so they are left out unless named in --steps
-    needs = {"tsne": "cuml", "leiden": "pylibcugraph"}
+    needs = {"leiden": "pylibcugraph"}
     missing = [name for name, lib in needs.items() if on_gpu and importlib.util.find_spec(lib) is None]
     kept = {}
     chosen = [s for s in _steps(on_gpu, kept) if (s[0] in steps if steps is not None else s[0] not in missing)]

@@ -181,9 +181,19 @@ def harmony():
     b.obs["batch"] = [f"b{i % 70}" for i in range(1400)]
     gpusc.pp.harmony_integrate(b, "batch", nclust=80, max_iter_harmony=1, device="gpu")
 
+def tsne():
+    from gpusc._kernels import tsne as ktsne
+
+    # 301 points (a partial last block), 3 gradient steps of the device t-SNE
+    x = np.random.default_rng(6).normal(size=(301, 10)).astype(np.float32)
+    start = np.random.default_rng(7).normal(scale=1e-4, size=(301, 2)).astype(np.float32)
+    ktsne.embed(x, start, perplexity=30.0, early_exaggeration=12.0, learning_rate=1000.0,
+                metric="euclidean", max_iter=3, on_device=True)
+
+
 FAMILIES = {"qc": qc, "normalize": normalize, "moments": moments, "hvg": hvg, "scale": scale,
             "aggregate": aggregate, "rank_genes": rank_genes, "gram": gram, "topk": topk, "connectivity": connectivity, "umap": umap,
-            "density": density, "harmony": harmony}
+            "density": density, "harmony": harmony, "tsne": tsne}
 
 
 def main(argv: list[str]) -> int:

@@ -6,7 +6,9 @@ of the representation. Here the kNN comes from gpusc's brute-force search
 (:func:`gpusc._kernels.topk.knn_host`, or ``knn_device`` on the GPU) and goes to the same
 TSNE as a sparse precomputed distance graph, with the same PCA start computed as sklearn
 computes it (sklearn refuses ``init="pca"`` with precomputed distances); the affinities and
-the optimisation are sklearn's. With cuML installed, the GPU runs cuML's TSNE instead.
+the optimisation are sklearn's. With cuML installed, the GPU runs cuML's TSNE instead; without
+it, gpusc's own (:mod:`gpusc._kernels.tsne`: sklearn's affinities and optimiser, the
+repulsion from an FFT-convolved grid as FIt-SNE computes it) for 2 components.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from scipy import sparse
 from .._core import logg
 from .._core.adata import actualize_view
 from .._kernels import topk as _topk
+from .._kernels import tsne as _ktsne
 from .._settings import resolve_device
 from ..pp._neighbors import _pca_first, _representation
 
@@ -54,11 +57,15 @@ def tsne(
 
     Where it runs (``device``, default ``gpusc.settings.device``):
 
-    * on the CPU, and on the GPU without cuML: scikit-learn's ``TSNE`` (Barnes-Hut) as scanpy
-      calls it, fed gpusc's exact kNN (``min(n - 1, int(3 * perplexity + 1))`` neighbours;
-      found on the GPU there) as a precomputed distance graph and sklearn's own PCA start;
+    * on the CPU: scikit-learn's ``TSNE`` (Barnes-Hut) as scanpy calls it, fed gpusc's exact
+      kNN (``min(n - 1, int(3 * perplexity + 1))`` neighbours) as a precomputed distance graph
+      and sklearn's own PCA start;
     * on the GPU with cuML installed (``gpusc[rapids-cu13]`` or ``rapids-cu12``): cuML's
-      ``TSNE`` (Barnes-Hut, 2 components).
+      ``TSNE`` (Barnes-Hut, 2 components);
+    * on the GPU without cuML: gpusc's own for 2 components (the same kNN, sklearn's
+      affinities, its optimiser's 1,000 steps from the same PCA start, the repulsion
+      interpolated on a grid and convolved by FFT); sklearn's path (with the kNN on the GPU)
+      for 1 or 3.
 
     ``metric`` is one of gpusc's kNN metrics (``euclidean``, ``sqeuclidean``, ``cosine``,
     ``manhattan``). ``use_fast_tsne`` (MulticoreTSNE) is not supported.
@@ -136,6 +143,11 @@ def tsne(
     if where == "gpu":
         embedding = _cuml_tsne(x, n_components, perplexity, early_exaggeration, learning_rate,
                                metric, random_state)
+        if embedding is None and n_components == 2:
+            logg.info("    using gpusc's t-SNE on the device (FFT-interpolated repulsion)")
+            embedding = _ktsne.embed(np.asarray(x), pca_start(x, 2, random_state),
+                                     perplexity=perplexity, early_exaggeration=early_exaggeration,
+                                     learning_rate=learning_rate, metric=metric, on_device=True)
     if embedding is None:
         logg.info("    using sklearn.manifold.TSNE")
         embedding = sklearn_tsne(x, n_components=n_components, perplexity=perplexity,
@@ -174,24 +186,29 @@ def sklearn_tsne(x: np.ndarray, *, n_components: int, perplexity: float,
                  early_exaggeration: float, learning_rate: float, metric: str,
                  random_state: Any, n_jobs: int | None, on_device: bool = False) -> np.ndarray:
     """sklearn's TSNE as scanpy calls it, with gpusc's kNN and sklearn's PCA start."""
-    from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
-    from sklearn.utils import check_random_state
 
     n = x.shape[0]
     k = min(n - 1, int(3.0 * perplexity + 1))  # sklearn's n_neighbors
     graph = knn_distance_graph(x, k, metric, on_device)
-    # sklearn's init="pca", step for step: the same draw from the same RandomState
-    rs = check_random_state(random_state)
-    pca = PCA(n_components=n_components, random_state=rs)
-    pca.set_output(transform="default")
-    start = pca.fit_transform(x).astype(np.float32, copy=False)
-    start = start / np.std(start[:, 0]) * 1e-4
+    start = pca_start(x, n_components, random_state)
     model = TSNE(n_components=n_components, perplexity=perplexity,
                  early_exaggeration=early_exaggeration, learning_rate=learning_rate,
                  metric="precomputed", init=start, random_state=random_state, n_jobs=n_jobs,
                  verbose=False)
     return np.asarray(model.fit_transform(graph), dtype=np.float32)
+
+
+def pca_start(x: np.ndarray, n_components: int, random_state: Any) -> np.ndarray:
+    """sklearn's init="pca", step for step: the same draw from the same RandomState, the first
+    component scaled to standard deviation 1e-4 (float32)."""
+    from sklearn.decomposition import PCA
+    from sklearn.utils import check_random_state
+
+    pca = PCA(n_components=n_components, random_state=check_random_state(random_state))
+    pca.set_output(transform="default")
+    start = pca.fit_transform(x).astype(np.float32, copy=False)
+    return start / np.std(start[:, 0]) * 1e-4
 
 
 def _cuml_tsne(x, n_components, perplexity, early_exaggeration, learning_rate, metric,

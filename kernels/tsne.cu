@@ -74,6 +74,21 @@ __device__ __forceinline__ long long tsne_weights(double u, double* w) {
     return m;
 }
 
+// Point i's 3 x 3 stencil: the nodes (flat index in a nodes x nodes plane) and weights, in
+// the order (x node, then y node) both kernels and the twins use.
+__device__ __forceinline__ void tsne_stencil(const double* y, long long i, double x0, double y0,
+                                             double spacing, long long nodes, long long* node,
+                                             double* w) {
+    double wx[3], wy[3];
+    const long long mx = tsne_weights((y[2 * i] - x0) / spacing, wx);
+    const long long my = tsne_weights((y[2 * i + 1] - y0) / spacing, wy);
+    for (int a = 0; a < 3; ++a)
+        for (int b = 0; b < 3; ++b) {
+            w[3 * a + b] = wx[a] * wy[b];
+            node[3 * a + b] = (mx - 1 + a) * nodes + (my - 1 + b);
+        }
+}
+
 // charges (3, nodes, nodes) += each point's (1, y_x, y_y) times its 3 x 3 weights, in fixed
 // point: integer additions, so the sums do not depend on the threads' order. One thread per
 // point.
@@ -81,20 +96,18 @@ __global__ void tsne_spread(const double* __restrict__ y, long long n, double x0
                             double spacing, long long nodes, unsigned long long* charges) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    double wx[3], wy[3];
-    const long long mx = tsne_weights((y[2 * i] - x0) / spacing, wx);
-    const long long my = tsne_weights((y[2 * i + 1] - y0) / spacing, wy);
+    long long node[9];
+    double w[9];
+    tsne_stencil(y, i, x0, y0, spacing, nodes, node, w);
     const long long plane = nodes * nodes;
-    for (int a = 0; a < 3; ++a)
-        for (int b = 0; b < 3; ++b) {
-            const double w = wx[a] * wy[b];
-            const long long node = (mx - 1 + a) * nodes + (my - 1 + b);
-            // two's complement: a negative fixed-point value adds as its unsigned image
-            atomicAdd(charges + node, (unsigned long long)llrint(w * TSNE_FIXED_SCALE));
-            atomicAdd(charges + plane + node, (unsigned long long)llrint(w * y[2 * i] * TSNE_FIXED_SCALE));
-            atomicAdd(charges + 2 * plane + node,
-                      (unsigned long long)llrint(w * y[2 * i + 1] * TSNE_FIXED_SCALE));
-        }
+    for (int s = 0; s < 9; ++s) {
+        // two's complement: a negative fixed-point value adds as its unsigned image
+        atomicAdd(charges + node[s], (unsigned long long)llrint(w[s] * TSNE_FIXED_SCALE));
+        atomicAdd(charges + plane + node[s],
+                  (unsigned long long)llrint(w[s] * y[2 * i] * TSNE_FIXED_SCALE));
+        atomicAdd(charges + 2 * plane + node[s],
+                  (unsigned long long)llrint(w[s] * y[2 * i + 1] * TSNE_FIXED_SCALE));
+    }
 }
 
 // Each point's repulsion y phi1 - phiy and phiZ, read from the node potentials (4, nodes,
@@ -104,17 +117,13 @@ __global__ void tsne_gather(const double* __restrict__ y, long long n, double x0
                             double* __restrict__ repulsion, double* __restrict__ phi_z) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    double wx[3], wy[3];
-    const long long mx = tsne_weights((y[2 * i] - x0) / spacing, wx);
-    const long long my = tsne_weights((y[2 * i + 1] - y0) / spacing, wy);
+    long long node[9];
+    double w[9];
+    tsne_stencil(y, i, x0, y0, spacing, nodes, node, w);
     const long long plane = nodes * nodes;
     double phi[4] = {0.0, 0.0, 0.0, 0.0};
-    for (int a = 0; a < 3; ++a)
-        for (int b = 0; b < 3; ++b) {
-            const double w = wx[a] * wy[b];
-            const long long node = (mx - 1 + a) * nodes + (my - 1 + b);
-            for (int c = 0; c < 4; ++c) phi[c] += w * (double)potentials[c * plane + node];
-        }
+    for (int s = 0; s < 9; ++s)
+        for (int c = 0; c < 4; ++c) phi[c] += w[s] * (double)potentials[c * plane + node[s]];
     repulsion[2 * i] = y[2 * i] * phi[0] - phi[1];
     repulsion[2 * i + 1] = y[2 * i + 1] * phi[0] - phi[2];
     phi_z[i] = phi[3];

@@ -108,22 +108,31 @@ def _weights(u):
     return m, 0.5 * t * (t - 1.0), (1.0 - t) * (1.0 + t), 0.5 * t * (t + 1.0)
 
 
+@numba.njit(cache=True, inline="always")
+def _stencil(y, i, x0, y0, spacing, gx, gy, w):
+    # point i's 3 x 3 nodes and weights, x node first (kernels/tsne.cu's tsne_stencil)
+    mx, ax0, ax1, ax2 = _weights((y[i, 0] - x0) / spacing)
+    my, ay0, ay1, ay2 = _weights((y[i, 1] - y0) / spacing)
+    wx = (ax0, ax1, ax2)
+    wy = (ay0, ay1, ay2)
+    for a in range(3):
+        for b in range(3):
+            w[3 * a + b] = wx[a] * wy[b]
+            gx[3 * a + b] = mx - 1 + a
+            gy[3 * a + b] = my - 1 + b
+
+
 @numba.njit(cache=True)
 def spread_host(y, x0, y0, spacing, nodes, charges):
     """charges (N_CHARGES, nodes, nodes) int64 += each point's (1, y_x, y_y) times its 3 x 3
     weights, in fixed point (kernels/tsne.cu's tsne_spread)."""
+    gx, gy, w = np.empty(9, np.int64), np.empty(9, np.int64), np.empty(9)
     for i in range(y.shape[0]):
-        mx, ax0, ax1, ax2 = _weights((y[i, 0] - x0) / spacing)
-        my, ay0, ay1, ay2 = _weights((y[i, 1] - y0) / spacing)
-        wx = (ax0, ax1, ax2)
-        wy = (ay0, ay1, ay2)
-        for a in range(3):
-            for b in range(3):
-                w = wx[a] * wy[b]
-                gx, gy = mx - 1 + a, my - 1 + b
-                charges[0, gx, gy] += np.int64(np.rint(w * FIXED_SCALE))
-                charges[1, gx, gy] += np.int64(np.rint(w * y[i, 0] * FIXED_SCALE))
-                charges[2, gx, gy] += np.int64(np.rint(w * y[i, 1] * FIXED_SCALE))
+        _stencil(y, i, x0, y0, spacing, gx, gy, w)
+        for s in range(9):
+            charges[0, gx[s], gy[s]] += np.int64(np.rint(w[s] * FIXED_SCALE))
+            charges[1, gx[s], gy[s]] += np.int64(np.rint(w[s] * y[i, 0] * FIXED_SCALE))
+            charges[2, gx[s], gy[s]] += np.int64(np.rint(w[s] * y[i, 1] * FIXED_SCALE))
 
 
 @numba.njit(cache=True, parallel=prange_only())
@@ -131,17 +140,12 @@ def gather_host(y, x0, y0, spacing, potentials, repulsion, phi_z):
     """Each point's repulsion y φ1 - φy (n, 2) and φZ (n,) from the node potentials, with the
     weights it spread with (kernels/tsne.cu's tsne_gather)."""
     for i in numba.prange(y.shape[0]):
-        mx, ax0, ax1, ax2 = _weights((y[i, 0] - x0) / spacing)
-        my, ay0, ay1, ay2 = _weights((y[i, 1] - y0) / spacing)
-        wx = (ax0, ax1, ax2)
-        wy = (ay0, ay1, ay2)
+        gx, gy, w = np.empty(9, np.int64), np.empty(9, np.int64), np.empty(9)
+        _stencil(y, i, x0, y0, spacing, gx, gy, w)
         phi = np.zeros(4)
-        for a in range(3):
-            for b in range(3):
-                w = wx[a] * wy[b]
-                gx, gy = mx - 1 + a, my - 1 + b
-                for c in range(4):
-                    phi[c] += w * potentials[c, gx, gy]
+        for s in range(9):
+            for c in range(4):
+                phi[c] += w[s] * potentials[c, gx[s], gy[s]]
         repulsion[i, 0] = y[i, 0] * phi[0] - phi[1]
         repulsion[i, 1] = y[i, 1] * phi[0] - phi[2]
         phi_z[i] = phi[3]

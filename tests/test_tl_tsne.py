@@ -156,10 +156,13 @@ def test_device_quality_as_scanpy(cells, scanpy_tsne):
 def test_grid_method_quality_as_scanpy(cells, scanpy_tsne):
     """The device t-SNE's method (tl.tsne on a GPU without cuML) in its host twin: exact kNN,
     sklearn's affinities and optimiser phases, the repulsion from an FFT-convolved grid (gpusc
-    /_kernels/tsne.py), from sklearn's PCA start: scanpy's quality, to the same bounds as
-    test_quality_as_scanpy. Measured (400 cells, seed 0): trustworthiness 0.9279 ours, 0.9282
-    scanpy; KL 0.6889 ours, 0.6887 scanpy. It takes ~50 s here: 1,000 steps, each with seven
-    FFTs of a grid of up to ~400 x 400 on the host (on the device, microseconds each)."""
+    /_kernels/tsne.py), from sklearn's PCA start: scanpy's quality. Measured (400 cells, seed
+    0): trustworthiness 0.9279 ours, 0.9282 scanpy; KL 0.6889 ours, 0.6887 scanpy. KL to 3%
+    (test_quality_as_scanpy: 2%): on another 400-cell sample the method's KL was +1.3% to
+    +2.6% of sklearn's over three runs whose rounding differed (t-SNE's steps amplify it into
+    another local optimum), so a machine whose FFTs round differently may land there too. It
+    takes ~50 s here: 1,000 steps, each with seven FFTs of a grid of up to ~400 x 400 on the
+    host (on the device, microseconds each)."""
     from gpusc._kernels import tsne as ktsne
     from gpusc.tl._tsne import pca_start
 
@@ -169,4 +172,4 @@ def test_grid_method_quality_as_scanpy(cells, scanpy_tsne):
     ref = scanpy_tsne.obsm["X_tsne"]
     assert emb.shape == (N_CELLS, 2) and emb.dtype == np.float32
     assert trustworthiness(x, emb, n_neighbors=15) >= trustworthiness(x, ref, n_neighbors=15) - 0.005
-    assert kl_divergence(x, emb) <= kl_divergence(x, ref) * 1.02
+    assert kl_divergence(x, emb) <= kl_divergence(x, ref) * 1.03

@@ -320,6 +320,10 @@ def joint_probabilities(steps, neighbors, sqdist, perplexity: float):
     else:
         from cupyx.scipy import sparse
     n, k = neighbors.shape
+    if 2 * n * k > np.iinfo(np.int32).max:
+        raise ValueError(f"t-SNE's affinities: {n} cells x {k} neighbours, twice, pass the "
+                         "2^31 stored values a sparse matrix holds here; use a smaller "
+                         "perplexity or fewer cells")
     conditional = steps.affinities(xp.ascontiguousarray(sqdist, xp.float32), perplexity)
     c = sparse.csr_matrix((conditional.ravel(), neighbors.ravel().astype(xp.int32),
                            xp.arange(0, n * k + 1, k, dtype=xp.int32)), shape=(n, n))

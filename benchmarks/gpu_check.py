@@ -43,7 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LIMITS = {"tests": 220, "sanitizer": 100, "timings": 290}  # seconds per part (per tool for the sanitizer)
 SANITIZER_TOOLS = ("memcheck", "racecheck")
 # timing steps run under cProfile by default: those furthest over their floors on the H200
-# (2026-12-04: QC and the filters 75-110x, diffmap 1,300x, scrublet 57x), to see where
+# (2026-12-04: QC and the filters 75-110x, diffmap 1,300x, scrublet 57x), to see where their
+# time goes
 PROFILED = ("calculate_qc_metrics", "filter_cells", "filter_genes", "diffmap", "scrublet")
 PROFILE_TOP = 15
 

@@ -13,6 +13,7 @@ import pytest
 from scipy import sparse
 
 from gpusc._core import cuda
+from gpusc._kernels import topk
 from gpusc._kernels import tsne as ktsne
 
 
@@ -108,7 +109,7 @@ def test_repulsion_and_z_as_exact_sums(scale, bound):
     assert np.linalg.norm(-grad / 4 - exact) <= bound * np.linalg.norm(exact)
 
 
-def test_device_driver_as_host(device):
+def test_device_driver_as_host(device, monkeypatch):
     """embed's device path (kNN on the host here, P with cupyx's sparse sum standing in, the
     kernels on threads, the grid and the optimiser on the stand-in arrays) against its host
     path, after 5 steps: the first steps blow a 1e-4 start up to tens of units, and t-SNE's
@@ -118,14 +119,9 @@ def test_device_driver_as_host(device):
     start = np.random.default_rng(9).normal(scale=1e-4, size=(150, 2)).astype(np.float32)
     kwargs = dict(perplexity=10.0, early_exaggeration=12.0, learning_rate=200.0,
                   metric="euclidean", max_iter=5)
-    import gpusc._kernels.topk as topk
-
     host = ktsne.embed(x, start, **kwargs)
-    search = topk.knn_device
-    try:
-        topk.knn_device = topk.knn_host  # the device kNN is test_neighbors'; not this test's
-        ours = ktsne.embed(x, start, on_device=True, **kwargs)
-    finally:
-        topk.knn_device = search
+    # the device kNN is tested with the neighbours (test_pp_neighbors); not this test's
+    monkeypatch.setattr(topk, "knn_device", topk.knn_host)
+    ours = ktsne.embed(x, start, on_device=True, **kwargs)
     assert np.ptp(host) > 10  # the steps moved the points far from the start
     np.testing.assert_allclose(ours, host, rtol=1e-5, atol=1e-5)

@@ -8,7 +8,10 @@ neighbours is at least 1e-3 relative; a repeated eigenvalue has no unique eigenv
 
 from __future__ import annotations
 
+import logging
 import re
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -196,9 +199,6 @@ def numpy_as_cupy(monkeypatch):
     """CuPy and cupyx's sparse eigsh as NumPy and SciPy's (ARPACK), so that the device path's
     own code (T on the device, the single-precision solve, the Rayleigh-Ritz step, the float64
     fallback) runs here; returns the list of the dtypes eigsh was called with."""
-    import sys
-    import types
-
     from scipy.sparse import linalg as splinalg
 
     calls = []
@@ -235,8 +235,6 @@ def test_device_solve_on_host_arrays_as_scanpy(numpy_as_cupy, junk, monkeypatch)
     from gpusc.tl import _diffmap
 
     if junk:
-        import sys
-
         fake_linalg = sys.modules["cupyx.scipy.sparse.linalg"]
         eigsh = fake_linalg.eigsh
 
@@ -268,8 +266,6 @@ def test_many_components_warning_as_scanpy():
     adata.obsp["connectivities"] = block_diag([p.obsp["connectivities"] for p in parts]).tocsr()
     adata.obsp["distances"] = adata.obsp["connectivities"].copy()
     adata.uns["neighbors"] = parts[0].uns["neighbors"]
-    import logging
-
     message = "Transition matrix has many disconnected components!"
     records = []
     handler = logging.Handler(logging.WARNING)

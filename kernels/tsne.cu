@@ -89,16 +89,24 @@ __device__ __forceinline__ void tsne_stencil(const double* y, long long i, doubl
         }
 }
 
+// The thread's point i (false past the last one) and its stencil.
+__device__ __forceinline__ bool tsne_thread_point(const double* y, long long n, double x0,
+                                                  double y0, double spacing, long long nodes,
+                                                  long long& i, long long* node, double* w) {
+    i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return false;
+    tsne_stencil(y, i, x0, y0, spacing, nodes, node, w);
+    return true;
+}
+
 // charges (3, nodes, nodes) += each point's (1, y_x, y_y) times its 3 x 3 weights, in fixed
 // point: integer additions, so the sums do not depend on the threads' order. One thread per
 // point.
 __global__ void tsne_spread(const double* __restrict__ y, long long n, double x0, double y0,
                             double spacing, long long nodes, unsigned long long* charges) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    long long node[9];
+    long long i, node[9];
     double w[9];
-    tsne_stencil(y, i, x0, y0, spacing, nodes, node, w);
+    if (!tsne_thread_point(y, n, x0, y0, spacing, nodes, i, node, w)) return;
     const long long plane = nodes * nodes;
     for (int s = 0; s < 9; ++s) {
         // two's complement: a negative fixed-point value adds as its unsigned image
@@ -115,13 +123,11 @@ __global__ void tsne_spread(const double* __restrict__ y, long long n, double x0
 __global__ void tsne_gather(const double* __restrict__ y, long long n, double x0, double y0,
                             double spacing, long long nodes, const float* __restrict__ potentials,
                             double* __restrict__ repulsion, double* __restrict__ phi_z) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    long long node[9];
+    long long i, node[9];
     double w[9];
-    tsne_stencil(y, i, x0, y0, spacing, nodes, node, w);
-    const long long plane = nodes * nodes;
+    if (!tsne_thread_point(y, n, x0, y0, spacing, nodes, i, node, w)) return;
     double phi[4] = {0.0, 0.0, 0.0, 0.0};
+    const long long plane = nodes * nodes;
     for (int s = 0; s < 9; ++s)
         for (int c = 0; c < 4; ++c) phi[c] += w[s] * (double)potentials[c * plane + node[s]];
     repulsion[2 * i] = y[2 * i] * phi[0] - phi[1];

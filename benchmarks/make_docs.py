@@ -250,8 +250,9 @@ scanpy, on a shared 2-core development VM) except the last section: the first GP
   per-step seconds include first-call numba/NVRTC compilation.
 
 Not measured yet: scanpy or rapids-singlecell side by side with gpusc on a GPU machine (the
-H200 section is gpusc alone, against floors), the GPU paths that need pylibcugraph or cuML
-(leiden, tsne: not on the device image), and rapids-singlecell (not installed here).
+H200 section is gpusc alone, against floors), leiden on the GPU (pylibcugraph is not on the
+device image), gpusc's own GPU t-SNE (written after the H200 run) and rapids-singlecell (not
+installed here).
 """
 
 
